@@ -1,0 +1,64 @@
+"""Command line: `deca-flower engine [group=preset ...] [key.path=value ...]`.
+
+    deca-flower engine                              # embedded default, in-process
+    deca-flower engine model=tiny topology=ring train.rounds=2
+    deca-flower presets                             # list the presets of each group
+
+Arguments `model=`, `data=`, `topology=` and `algorithm=` pick presets from
+`conf/`; every other `key=value` overrides a config key (dotted path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from deca_flower.config import PRESET_GROUPS, ConfigError, available_presets, load_config
+
+
+def split_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    presets, overrides = {}, []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form key=value")
+        key, value = arg.split("=", 1)
+        if key in PRESET_GROUPS:
+            presets[key] = value
+        else:
+            overrides.append(arg)
+    return presets, overrides
+
+
+def engine_main(argv: Sequence[str] | None = None) -> None:
+    from deca_flower.engine import run_engine
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        presets, overrides = split_args(args)
+        cfg = load_config(presets, overrides)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    run_engine(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="deca-flower",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    engine = sub.add_parser("engine", help="run DECA in-process (n virtual clients)")
+    engine.add_argument("settings", nargs="*", help="group=preset or key.path=value")
+    sub.add_parser("presets", help="list the available presets")
+    args = parser.parse_args(argv)
+    if args.command == "presets":
+        for group in PRESET_GROUPS:
+            print(f"{group}: {', '.join(available_presets(group))}")
+        return
+    engine_main(args.settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Run configuration: OmegaConf structured schema, YAML presets under `conf/`, validation.
+
+A config is built in layers, later layers winning:
+
+    schema defaults  <  conf/base.yaml  <  presets (model, data, topology, algorithm)
+                     <  overrides (dict or "a.b=value" strings)
+
+Every key is checked against the schema (a typo is an error naming it), and
+every enumerated value against its allowed set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_GROUPS = ("model", "data", "topology", "algorithm")
+DEFAULT_PRESETS = {
+    "model": "smollm2-135m",
+    "data": "rotten-tomatoes",
+    "topology": "er",
+    "algorithm": "deca",
+}
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the key and the allowed values."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:smollm2-135m-instruct"
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the model's (and wire's) dtype
+    num_layers: int | None = None  # keep only the first N decoder layers (CPU-sized runs)
+    layers_attr: str | None = None  # dotted path to the decoder layer list, if not found
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class DataConfig:
+    name: str = "rotten-tomatoes"
+    path: str | None = None  # local CSV/JSONL/parquet instead of the hub
+    text_column: str | None = None
+    label_column: str | None = None
+    max_examples: int | None = 2000  # subsample the pooled set before partitioning
+    alpha: float = 0.5  # Dirichlet concentration: smaller = more label skew
+    min_partition_size: int = 10
+    test_fraction: float = 0.2  # each client's local held-out split
+    max_length: int = 128
+    batch_size: int = 4
+
+
+@dataclass
+class TopologyConfig:
+    name: str = "er"
+    p: float = 0.5  # edge probability for er / random_bipartite
+    path: str | None = None  # edge list for name=file
+    mixing: str = "metropolis"  # metropolis | uniform
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 1
+    steps_per_block: int = 4
+    layers_per_block: int = 1
+    block_order: str = "ascending"  # ascending | descending | random
+    final_average: bool = False  # average all clients' models once at the very end
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "deca"
+    lr: float = 1e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    bma: bool = True  # False = "w/o BMA" ablation
+    mu1: float = 0.3
+    mu2: float = 0.333
+    discrepancy_ref: str = "pre"  # pre | half
+    discrepancy_scale: str = "precond"  # lr | l2 | precond
+    wire_dtype: str = "float32"  # float32 | model (send blocks in the model's dtype)
+
+
+@dataclass
+class EvalConfig:
+    max_examples_per_client: int = 32
+    batch_size: int = 16
+    every_rounds: int = 1
+    average_model: bool = True  # also evaluate the parameter average of the clients
+    zero_shot: bool = True  # evaluate the untrained model first
+
+
+@dataclass
+class GossipConfig:
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: float = 300.0
+    store_port: int = 0  # 0 = pick a free port
+    advertise_host: str = "127.0.0.1"  # address peers use to reach the coordinator's store
+
+
+@dataclass
+class FlowerConfig:
+    phase: str = "block"  # block: one message per (round, block); round: one per round
+    min_nodes_wait_s: float = 120.0
+
+
+@dataclass
+class DecaConfig:
+    run_name: str = "deca"
+    output_dir: str = "outputs"
+    seed: int = 0
+    num_clients: int = 8
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "topology.name": (
+        "ring",
+        "er",
+        "complete",
+        "bipartite",
+        "random_bipartite",
+        "torus",
+        "star",
+        "file",
+    ),
+    "topology.mixing": ("metropolis", "uniform"),
+    "train.block_order": ("ascending", "descending", "random"),
+    "algorithm.discrepancy_ref": ("pre", "half"),
+    "algorithm.discrepancy_scale": ("lr", "l2", "precond"),
+    "algorithm.wire_dtype": ("float32", "model"),
+    "gossip.backend": ("auto", "gloo", "nccl"),
+    "flower.phase": ("block", "round"),
+}
+
+POSITIVE = (
+    "num_clients",
+    "train.rounds",
+    "train.steps_per_block",
+    "train.layers_per_block",
+    "algorithm.lr",
+    "data.alpha",
+    "data.batch_size",
+    "data.max_length",
+    "eval.batch_size",
+    "eval.every_rounds",
+    "gossip.timeout_s",
+)
+
+
+def conf_dir() -> Path:
+    """`conf/` beside the package (repo checkout, editable install or Flower app bundle)."""
+    override = os.environ.get("DECA_FLOWER_CONF")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "conf"
+
+
+def available_presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def load_config(
+    presets: dict[str, str] | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> DictConfig:
+    """Build, merge and validate a run config."""
+    chosen = {**DEFAULT_PRESETS, **(presets or {})}
+    unknown = set(chosen) - set(PRESET_GROUPS)
+    if unknown:
+        raise ConfigError(f"unknown preset group(s) {sorted(unknown)}; allowed: {PRESET_GROUPS}")
+    layers = [OmegaConf.structured(DecaConfig), _load_yaml(conf_dir() / "base.yaml")]
+    for group in PRESET_GROUPS:
+        layers.append(_load_preset(group, chosen[group]))
+    layers.append(_overrides_to_conf(overrides))
+    try:
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if cfg.num_clients < 2:
+        raise ConfigError(
+            f"num_clients must be >= 2 for a decentralized run, got {cfg.num_clients}"
+        )
+    for key in ("algorithm.mu1", "algorithm.mu2", "data.test_fraction"):
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    for key in ("algorithm.beta1", "algorithm.beta2"):
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.topology.name == "file" and not cfg.topology.path:
+        raise ConfigError("topology.name=file needs topology.path (an edge list file)")
+
+
+def bma_weights(cfg: DictConfig) -> tuple[float, float] | None:
+    """(mu1, mu2) for BMAAdam, or None for the w/o-BMA ablation."""
+    return (cfg.algorithm.mu1, cfg.algorithm.mu2) if cfg.algorithm.bma else None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def from_yaml(text: str) -> DictConfig:
+    cfg = OmegaConf.merge(OmegaConf.structured(DecaConfig), OmegaConf.create(text))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------- internals
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    return OmegaConf.load(path) if path.exists() else OmegaConf.create({})
+
+
+def _load_preset(group: str, name: str) -> DictConfig:
+    path = conf_dir() / group / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"unknown {group} preset {name!r}; choose one of {available_presets(group)} "
+            f"(files in {conf_dir() / group})"
+        )
+    return OmegaConf.load(path)
+
+
+def _overrides_to_conf(overrides: dict[str, Any] | list[str] | None) -> DictConfig:
+    if not overrides:
+        return OmegaConf.create({})
+    if isinstance(overrides, dict):
+        dotted = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+    else:
+        dotted = list(overrides)
+    try:
+        return OmegaConf.from_dotlist(dotted)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    if "not in" in message and key:
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        allowed = _keys_of(parent)
+        return f"unknown config key {key!r}; allowed keys here: {allowed}"
+    return f"bad value for {key!r}: {message}" if key else message
+
+
+def _keys_of(parent: str | None) -> list[str]:
+    schema = OmegaConf.structured(DecaConfig)
+    node = OmegaConf.select(schema, parent) if parent else schema
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []

@@ -1,0 +1,177 @@
+"""Run outputs a person reads: JSONL metrics, console progress, summary.md and PNG plots.
+
+A run writes into `<output_dir>/<run>.incomplete/` and is renamed to
+`<output_dir>/<run>/` only when it finishes, so a crashed or rejected run
+never looks like a result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+INCOMPLETE = ".incomplete"
+
+
+class RunDir:
+    def __init__(self, output_dir: str | Path, run_name: str) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.final = Path(output_dir) / f"{run_name}-{stamp}"
+        self.path = self.final.with_name(self.final.name + INCOMPLETE)
+        self.path.mkdir(parents=True, exist_ok=False)
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.path / name
+        target.write_text(text)
+        return target
+
+    def finish(self) -> Path:
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.path.rename(self.final)
+        self.path = self.final
+        self.metrics_path = self.final / "metrics.jsonl"
+        return self.final
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """One console line per phase: phase i of N, mean loss, elapsed and estimated time left."""
+
+    def __init__(self, total_phases: int, stream=sys.stdout) -> None:
+        self.total = total_phases
+        self.done = 0
+        self.start = time.perf_counter()
+        self.stream = stream
+
+    def phase_done(self, label: str, mean_loss: float) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        print(
+            f"[deca] phase {self.done}/{self.total} {label} loss={mean_loss:.4f} "
+            f"elapsed={_hms(elapsed)} left~{_hms(left)}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def note(self, message: str) -> None:
+        print(f"[deca] {message}", file=self.stream, flush=True)
+
+
+def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
+    """Before/after accuracy table plus the run's key facts."""
+    evals = [r for r in records if r["type"] == "eval"]
+    zero = next((r for r in evals if r.get("round") == -1), None)
+    trained = [r for r in evals if r.get("round", -1) >= 0]
+    lines = ["# DECA run summary", ""]
+    topo = next((r for r in records if r["type"] == "topology"), None)
+    if topo:
+        lines += [
+            f"- graph: {topo['name']} with {topo['num_clients']} clients, {topo['num_edges']} "
+            f"edges, spectral gap {topo['spectral_gap']:.4f}",
+        ]
+    steps = [r for r in records if r["type"] == "step"]
+    if steps:
+        first, last = _mean(steps[0]["loss"]), _mean(steps[-1]["loss"])
+        lines.append(f"- training loss (mean over clients): {first:.4f} -> {last:.4f}")
+    phases = [r for r in records if r["type"] == "phase"]
+    if phases:
+        sent = sum(sum(r["bytes_sent"]) for r in phases)
+        lines.append(f"- bytes sent by all clients: {sent / 2**20:.1f} MiB")
+    lines += ["", "| model | eval set | accuracy | weighted F1 |", "|---|---|---|---|"]
+    if zero:
+        lines.append(_row("zero-shot (before training)", "all clients' test", zero["global"]))
+        lines.append(
+            _row("zero-shot (before training)", "mean of local tests", zero["client_mean"])
+        )
+    for r in trained:
+        tag = f"after round {r['round'] + 1}"
+        if r.get("average") is not None:
+            lines.append(_row(f"parameter average, {tag}", "all clients' test", r["average"]))
+        lines.append(_row(f"clients, {tag}", "mean of local tests", r["client_mean"]))
+    lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_run(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Training loss per client, accuracy per round, consensus distance: PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    written = []
+    steps = [r for r in records if r["type"] == "step"]
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        losses = list(zip(*[r["loss"] for r in steps]))
+        x = [r["global_step"] for r in steps]
+        for i, series in enumerate(losses):
+            ax.plot(x, series, lw=1, label=f"client {i}")
+        ax.set(xlabel="inner step", ylabel="training loss", title="Training loss per client")
+        ax.legend(fontsize=7, ncol=2)
+        written.append(_save(fig, out_dir / "loss.png"))
+    evals = [r for r in records if r["type"] == "eval"]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rounds = [r["round"] + 1 for r in evals]
+        ax.plot(rounds, [r["client_mean"]["accuracy"] for r in evals], "o-", label="mean client")
+        avg = [(r["round"] + 1, r["average"]["accuracy"]) for r in evals if r.get("average")]
+        if avg:
+            ax.plot(*zip(*avg), "s--", label="parameter average")
+        ax.set(xlabel="round (0 = zero-shot)", ylabel="accuracy", title="Accuracy per round")
+        ax.legend()
+        written.append(_save(fig, out_dir / "accuracy.png"))
+        cons = [(r["round"] + 1, r["consensus_distance"]) for r in evals if r["round"] >= 0]
+        if cons:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(*zip(*cons), "o-")
+            ax.set(xlabel="round", ylabel="RMS distance to mean", title="Consensus distance")
+            written.append(_save(fig, out_dir / "consensus.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _row(model: str, eval_set: str, metrics: dict[str, float]) -> str:
+    return f"| {model} | {eval_set} | {metrics['accuracy']:.4f} | {metrics['f1_weighted']:.4f} |"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60:d}m{seconds % 60:02d}s"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
