@@ -108,7 +108,9 @@ class GossipConfig:
 @dataclass
 class FlowerConfig:
     phase: str = "block"  # block: one message per (round, block); round: one per round
-    min_nodes_wait_s: float = 120.0
+    min_nodes_wait_s: float = 120.0  # how long the coordinator waits for SuperNodes
+    barrier_timeout_s: float = 120.0  # how long peers wait for each other at the handshake
+    phase_timeout_s: float = 7200.0  # longest a phase (or an evaluation) may take
 
 
 @dataclass

@@ -147,6 +147,24 @@ def plot_run(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     return written
 
 
+def plot_label_counts(counts: list[list[int]], path: str | Path) -> Path:
+    """Stacked bars: how many training examples of each label every client holds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0] * len(counts)
+    for label in range(len(counts[0])):
+        heights = [c[label] for c in counts]
+        ax.bar(range(len(counts)), heights, bottom=bottom, label=f"label {label}")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set(xlabel="client", ylabel="training examples", title="Label distribution per client")
+    ax.legend()
+    return _save(fig, Path(path))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,226 @@
+"""A DECA peer as one node of a Flower run: phases over gossip, state on local disk.
+
+Framework-free (no `flwr` import): `client_app.py` turns Flower messages into
+`PhasePlan`s and calls `Node.run_phase` / `Node.evaluate`. Between phases the
+node lives in `NodeStateStore`; a process keeps the last node it served in
+memory so that Ray actors serving the same node again reload nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from deca_flower.config import to_yaml
+from deca_flower.engine import _peak_memory
+from deca_flower.evaluation import predict_labels
+from deca_flower.gossip import GossipGroup
+from deca_flower.peer import Peer
+from deca_flower.state_store import NodeStateStore
+from deca_flower.task import (
+    RunData,
+    load_base_model,
+    make_partition,
+    make_stream,
+    prepare_data,
+    resolve_device,
+    wire_dtype,
+)
+
+
+@dataclass
+class PhasePlan:
+    """What the coordinator tells a node for one phase (all small scalars and lists)."""
+
+    phase: int
+    round: int
+    blocks: list[int]
+    steps: int
+    store_host: str
+    store_port: int
+    group_name: str
+    rank: int
+    world_size: int
+    neighbours: list[int]
+    weights: list[float]
+    self_weight: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def weight_map(self) -> dict[int, float]:
+        return dict(zip(self.neighbours, self.weights, strict=True))
+
+
+def config_key(cfg: DictConfig) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+class Node:
+    def __init__(self, cfg: DictConfig, rank: int, state_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.device = resolve_device(cfg.model.device, rank)
+        self.store = NodeStateStore(state_dir)
+        self.run_data: RunData = _run_data(cfg)
+        model, self.tokenizer = load_base_model(cfg, self.device)
+        partition = make_partition(cfg, model)
+        stream = make_stream(cfg, rank, self.run_data, self.tokenizer)
+        self.peer = Peer(rank, model, partition, stream, cfg)
+        self.last_phase = -1
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Load what another process committed for this node since we last served it."""
+        latest = self.store.latest()
+        committed = -1 if latest is None else latest["phase"]
+        if committed == self.last_phase:
+            return
+        self.store.restore_into(self.peer.model)
+        self.peer.stream.load_state_dict(latest["extra"]["stream"])
+        self.last_phase = committed
+
+    # ------------------------------------------------------------------ training
+
+    def run_phase(self, plan: PhasePlan) -> dict[str, Any]:
+        """S inner steps per block of the plan, gossiping every step; commit each block."""
+        peer = self.peer
+        stats = {
+            "loss": [],
+            "forward_s": 0.0,
+            "backward_s": 0.0,
+            "optimizer_s": 0.0,
+            "communication_s": 0.0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+        }
+        with self._group(plan) as group:
+            for k in plan.blocks:
+                peer.begin_block(k)
+                try:
+                    for _ in range(plan.steps):
+                        self._inner_step(group, k, stats)
+                    stats["block_numel"] = peer.opt.numel
+                finally:
+                    peer.end_block()
+                self.store.save_block(
+                    k,
+                    peer.partition.named_parameters(k),
+                    plan.phase,
+                    extra={"stream": peer.stream.state_dict()},
+                )
+            stats["bytes_sent"] = group.stats.bytes_sent
+            stats["bytes_received"] = group.stats.bytes_received
+        self.last_phase = plan.phase
+        stats["peak_memory_bytes"] = _peak_memory(self.device)
+        return stats
+
+    def _inner_step(self, group: GossipGroup, k: int, stats: dict[str, Any]) -> None:
+        result = self.peer.local_step()
+        t0 = time.perf_counter()
+        mixed = group.mix(self.peer.block, block_id=k)
+        self.peer.block.copy_(mixed)
+        stats["communication_s"] += time.perf_counter() - t0
+        stats["optimizer_s"] += result.optimizer_s + self.peer.consensus_update()
+        stats["forward_s"] += result.forward_s
+        stats["backward_s"] += result.backward_s
+        stats["loss"].append(result.loss)
+
+    def _group(self, plan: PhasePlan) -> GossipGroup:
+        return GossipGroup(
+            plan.store_host,
+            plan.store_port,
+            plan.rank,
+            plan.world_size,
+            plan.neighbours,
+            plan.weight_map(),
+            plan.self_weight,
+            group_name=plan.group_name,
+            backend=self.cfg.gossip.backend,
+            device=self.device,
+            wire_dtype=wire_dtype(self.cfg),
+            timeout_s=self.cfg.gossip.timeout_s,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, plan: PhasePlan, zero_shot: bool = False) -> dict[str, Any]:
+        """Predict on the local test slice with this node's model (and the network average)."""
+        texts, labels = self.run_data.eval_slice(self.rank, self.cfg.eval.max_examples_per_client)
+        out: dict[str, Any] = {"labels": labels, "predictions": self._predict(texts)}
+        if zero_shot or not self.cfg.eval.average_model:
+            return out
+        with self._group(plan):
+            own = _trainable(self.peer)
+            averaged = [p.detach().float().clone() for p in own]
+            squared_distance = 0.0
+            for p, avg in zip(own, averaged):
+                dist.all_reduce(avg)  # one collective per tensor keeps peak memory small
+                avg.div_(plan.world_size)
+                squared_distance += float(((p.detach().float() - avg) ** 2).sum())
+            saved = [p.detach().clone() for p in own]
+            with torch.no_grad():
+                for p, avg in zip(own, averaged):
+                    p.copy_(avg.to(p.dtype))
+            out["average_predictions"] = self._predict(texts)
+            with torch.no_grad():
+                for p, s in zip(own, saved):
+                    p.copy_(s)
+        out["squared_distance"] = squared_distance
+        return out
+
+    def _predict(self, texts: list[str]) -> list[int]:
+        return predict_labels(
+            self.peer.model,
+            self.tokenizer,
+            self.run_data.task,
+            texts,
+            batch_size=self.cfg.eval.batch_size,
+            max_length=self.cfg.data.max_length,
+        )
+
+    def label_counts(self) -> list[int]:
+        labels = self.run_data.clients[self.rank].train["label"]
+        return [
+            sum(1 for y in labels if y == c) for c in range(len(self.run_data.task.verbalizers))
+        ]
+
+
+def _trainable(peer: Peer) -> list[torch.nn.Parameter]:
+    return [p for k in range(peer.partition.num_blocks) for p in peer.partition.parameters(k)]
+
+
+# ---------------------------------------------------------------------- per-process cache
+
+_RUN_DATA: dict[str, RunData] = {}
+_NODES: dict[tuple[str, int], Node] = {}
+
+
+def _run_data(cfg: DictConfig) -> RunData:
+    key = config_key(cfg)
+    if key not in _RUN_DATA:
+        _RUN_DATA.clear()
+        _RUN_DATA[key] = prepare_data(cfg)
+    return _RUN_DATA[key]
+
+
+def get_node(cfg: DictConfig, rank: int, state_dir: str | Path, run_key: str) -> Node:
+    """The node from this process's cache, else rebuilt from its state store.
+
+    Only one node is kept per process: an actor that serves another node next
+    time frees this one (its state is already committed to disk).
+    """
+    key = (run_key, rank)
+    node = _NODES.get(key)
+    if node is None:
+        _NODES.clear()
+        node = Node(cfg, rank, state_dir)
+        _NODES[key] = node
+    else:
+        node.refresh()
+    return node

@@ -1,0 +1,302 @@
+"""Flower ServerApp: the DECA coordinator. It never receives, holds or averages parameters.
+
+It waits for the SuperNodes, learns their ranks by a handshake (which also
+proves that all peers can run at once), builds the graph and mixing matrix,
+hosts the rendezvous store of the gossip data plane, drives rounds -> blocks ->
+phases, hands each node its neighbours and weights, collects metrics, runs the
+evaluation at the end of every round, and writes the run's outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+from deca_flower.blocks import block_order
+from deca_flower.config import to_yaml
+from deca_flower.engine import eval_record, format_eval, pooled_metrics
+from deca_flower.flower_config import config_from_run_config
+from deca_flower.gossip import host_store
+from deca_flower.reporting import (
+    Progress,
+    RunDir,
+    plot_label_counts,
+    plot_run,
+    read_metrics,
+    summary_markdown,
+)
+from deca_flower.task import build_topology
+from deca_flower.topology import describe, neighbours
+
+app = ServerApp()
+
+# Replies carry metrics only; anything near a block's size would mean parameters leak.
+MAX_REPLY_VALUES = 100_000
+
+
+class CoordinatorError(RuntimeError):
+    pass
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(context.run_config)
+    Coordinator(grid, cfg, context.run_id).run()
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, cfg: DictConfig, run_id: int) -> None:
+        self.grid, self.cfg, self.run_id = grid, cfg, run_id
+        self.n = cfg.num_clients
+        self.graph, self.weights = build_topology(cfg)  # a bad graph fails before any node works
+        self.store, self.store_port = host_store(
+            "0.0.0.0", cfg.gossip.store_port, timeout_s=cfg.gossip.timeout_s
+        )
+        self.rank_to_node: dict[int, int] = {}
+        self.phase = 0
+        self.max_reply_values = 0
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> None:
+        node_ids = self._wait_for_nodes()
+        info = self._handshake(node_ids)
+        num_blocks = info[0]["num_blocks"]
+        run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name)
+        self.run_dir = run_dir
+        run_dir.write_text("config.yaml", to_yaml(self.cfg))
+        self._log_setup(info, num_blocks)
+        progress = Progress(self.cfg.train.rounds * num_blocks)
+        self.progress = progress
+        if self.cfg.eval.zero_shot:
+            self._evaluate(-1)
+        global_step = 0
+        for t in range(self.cfg.train.rounds):
+            for blocks in self._phases(t, num_blocks):
+                global_step = self._train_phase(t, blocks, global_step)
+            if (t + 1) % self.cfg.eval.every_rounds == 0 or t == self.cfg.train.rounds - 1:
+                self._evaluate(t)
+        run_dir.log(
+            {
+                "type": "coordinator",
+                "max_reply_values": self.max_reply_values,
+                "array_records_received": 0,
+            }
+        )
+        records = read_metrics(run_dir.metrics_path)
+        run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
+        plot_run(records, run_dir.path)
+        out = run_dir.finish()
+        progress.note(f"done: {out}/summary.md")
+
+    def _phases(self, t: int, num_blocks: int) -> list[list[int]]:
+        order = block_order(num_blocks, self.cfg.train.block_order, t, self.cfg.seed)
+        return [order] if self.cfg.flower.phase == "round" else [[k] for k in order]
+
+    # ------------------------------------------------------------------ nodes
+
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.flower.min_nodes_wait_s
+        while True:
+            node_ids = sorted(self.grid.get_node_ids())
+            if len(node_ids) >= self.n:
+                break
+            if time.monotonic() > deadline:
+                raise CoordinatorError(
+                    f"num_clients={self.n} but only {len(node_ids)} SuperNodes connected after "
+                    f"{self.cfg.flower.min_nodes_wait_s:.0f} s. {_federation_hint(self.n)}"
+                )
+            time.sleep(1.0)
+        if len(node_ids) > self.n:
+            raise CoordinatorError(
+                f"{len(node_ids)} SuperNodes connected but num_clients={self.n}: set "
+                f"num-clients={len(node_ids)} (--run-config) or start {self.n} SuperNodes"
+            )
+        return node_ids
+
+    def _handshake(self, node_ids: list[int]) -> dict[int, dict[str, Any]]:
+        request = self._common_request("handshake")
+        request["barrier_timeout_s"] = self.cfg.flower.barrier_timeout_s
+        replies = self._send({nid: request for nid in node_ids}, "query.handshake")
+        by_rank: dict[int, dict[str, Any]] = {}
+        for node_id, reply in replies.items():
+            rank = int(reply["rank"])
+            if rank in by_rank or not 0 <= rank < self.n:
+                raise CoordinatorError(
+                    f"SuperNode {node_id} reports partition-id={rank}; every node needs a "
+                    f"distinct partition-id in 0..{self.n - 1} (--node-config)"
+                )
+            self.rank_to_node[rank] = node_id
+            by_rank[rank] = reply
+        sizes = {r["num_blocks"] for r in by_rank.values()}
+        if len(sizes) != 1:
+            raise CoordinatorError(f"peers disagree on the number of blocks: {sorted(sizes)}")
+        return by_rank
+
+    # ------------------------------------------------------------------ phases
+
+    def _train_phase(self, t: int, blocks: list[int], global_step: int) -> int:
+        request = self._common_request(f"phase{self.phase}")
+        request.update({"round": t, "blocks": blocks, "steps": self.cfg.train.steps_per_block})
+        replies = self._send_to_ranks(request, "train.deca")
+        losses = [replies[r]["loss"] for r in range(self.n)]
+        for s in range(len(losses[0])):
+            k = blocks[s // self.cfg.train.steps_per_block]
+            self.run_dir.log(
+                {
+                    "type": "step",
+                    "round": t,
+                    "block": k,
+                    "step": s % self.cfg.train.steps_per_block,
+                    "global_step": global_step + s,
+                    "loss": [losses[r][s] for r in range(self.n)],
+                }
+            )
+        self.run_dir.log(self._phase_record(t, blocks, replies))
+        self.progress.phase_done(
+            f"round {t + 1} block(s) {blocks[0]}" + ("..." if len(blocks) > 1 else ""),
+            sum(loss[-1] for loss in losses) / self.n,
+        )
+        self.phase += 1
+        return global_step + len(losses[0])
+
+    def _phase_record(self, t: int, blocks: list[int], replies: dict[int, dict]) -> dict:
+        keys = (
+            "bytes_sent",
+            "bytes_received",
+            "forward_s",
+            "backward_s",
+            "optimizer_s",
+            "communication_s",
+            "peak_memory_bytes",
+        )
+        record = {
+            "type": "phase",
+            "round": t,
+            "block": blocks[0],
+            "blocks": blocks,
+            "block_numel": replies[0].get("block_numel"),
+        }
+        record.update({key: [replies[r][key] for r in range(self.n)] for key in keys})
+        return record
+
+    def _evaluate(self, t: int) -> None:
+        request = self._common_request(f"eval{t + 1}")
+        request.update({"round": t, "blocks": [], "steps": 0, "zero_shot": t == -1})
+        replies = self._send_to_ranks(request, "evaluate.deca")
+        labels = [list(replies[r]["labels"]) for r in range(self.n)]
+        preds = [list(replies[r]["predictions"]) for r in range(self.n)]
+        num_labels = self.num_labels
+        record = eval_record(t, labels, preds, num_labels)
+        if t >= 0 and self.cfg.eval.average_model:
+            avg = [list(replies[r]["average_predictions"]) for r in range(self.n)]
+            record["average"] = pooled_metrics(labels, avg, num_labels)
+            distance = sum(replies[r]["squared_distance"] for r in range(self.n)) / self.n
+            record["consensus_distance"] = distance**0.5
+        self.run_dir.log(record)
+        self.progress.note(format_eval(record))
+
+    # ------------------------------------------------------------------ messaging
+
+    def _common_request(self, tag: str) -> dict[str, Any]:
+        return {
+            "store_host": self.cfg.gossip.advertise_host,
+            "store_port": self.store_port,
+            "world_size": self.n,
+            "group_name": f"run{self.run_id}/{tag}",
+            "phase": self.phase,
+        }
+
+    def _send_to_ranks(self, request: dict[str, Any], message_type: str) -> dict[int, dict]:
+        per_node = {}
+        for rank, node_id in self.rank_to_node.items():
+            row = neighbours(self.graph, rank)
+            per_node[node_id] = {
+                **request,
+                "neighbours": row,
+                "weights": [float(self.weights[rank, j]) for j in row],
+                "self_weight": float(self.weights[rank, rank]),
+            }
+        replies = self._send(per_node, message_type)
+        node_to_rank = {nid: r for r, nid in self.rank_to_node.items()}
+        return {node_to_rank[nid]: reply for nid, reply in replies.items()}
+
+    def _send(self, per_node: dict[int, dict[str, Any]], message_type: str) -> dict[int, dict]:
+        messages = [
+            Message(
+                RecordDict({"request": ConfigRecord(payload)}),
+                dst_node_id=nid,
+                message_type=message_type,
+            )
+            for nid, payload in per_node.items()
+        ]
+        timeout = self.cfg.flower.phase_timeout_s
+        replies = {
+            m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=timeout)
+        }
+        missing = sorted(set(per_node) - set(replies))
+        if missing:
+            raise CoordinatorError(
+                f"no reply to {message_type} from SuperNode(s) {missing} within "
+                f"{timeout:.0f} s (flower.phase_timeout_s); node states are committed up to "
+                "the last finished phase"
+            )
+        return {nid: self._unpack(nid, msg, message_type) for nid, msg in replies.items()}
+
+    def _unpack(self, node_id: int, msg: Message, message_type: str) -> dict[str, Any]:
+        if msg.has_error():
+            raise CoordinatorError(f"SuperNode {node_id} failed {message_type}: {msg.error.reason}")
+        if msg.content.array_records:
+            raise CoordinatorError(f"SuperNode {node_id} sent arrays to the coordinator")
+        reply = dict(msg.content["reply"])
+        values = sum(len(v) if isinstance(v, list) else 1 for v in reply.values())
+        self.max_reply_values = max(self.max_reply_values, values)
+        if values > MAX_REPLY_VALUES:
+            raise CoordinatorError(f"SuperNode {node_id} sent {values} values: too large")
+        if "error" in reply:
+            hint = ""
+            if "DECA peers were running at the same time" in reply["error"]:
+                hint = " " + _federation_hint(self.n)
+            raise CoordinatorError(
+                f"rank {reply.get('rank', '?')} (SuperNode {node_id}) failed {message_type}: "
+                f"{reply['error']}.{hint}\n--- peer traceback ---\n{reply.get('traceback', '')}"
+            )
+        return reply
+
+    # ------------------------------------------------------------------ outputs
+
+    def _log_setup(self, info: dict[int, dict[str, Any]], num_blocks: int) -> None:
+        topo = describe(self.graph, self.weights)
+        self.run_dir.log({"type": "topology", **topo, "mixing_matrix": self.weights.tolist()})
+        counts = [info[r]["label_counts"] for r in range(self.n)]
+        self.num_labels = len(counts[0])
+        self.run_dir.log(
+            {
+                "type": "data",
+                "label_counts": counts,
+                "train_sizes": [sum(c) for c in counts],
+                "num_blocks": num_blocks,
+                "rank_to_node": {str(r): n for r, n in self.rank_to_node.items()},
+            }
+        )
+        plot_label_counts(counts, self.run_dir.path / "label_distribution.png")
+        Progress(0).note(
+            f"{self.n} peers on a {topo['name']} graph (spectral gap {topo['spectral_gap']:.3f}),"
+            f" {num_blocks} blocks x {self.cfg.train.steps_per_block} steps x "
+            f"{self.cfg.train.rounds} rounds; gossip store on port {self.store_port}; "
+            f"writing {self.run_dir.path}"
+        )
+
+
+def _federation_hint(n: int) -> str:
+    return (
+        f"All {n} DECA peers must run at the same time. In simulation run with "
+        f'--federation-config "num-supernodes={n} client-resources-num-cpus=1 '
+        f'init-args-num-cpus={n}" (on GPUs add client-resources-num-gpus=<gpus/{n}>); '
+        f"in deployment start {n} SuperNodes that can reach the coordinator's store "
+        "(gossip.advertise_host)."
+    )

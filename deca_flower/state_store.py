@@ -1,0 +1,99 @@
+"""Node-local state store: a DECA peer's trained layers and data position on disk.
+
+Flower may serve a node from a different process for every message (Ray
+actors are not pinned to nodes; a deployed SuperNode starts a fresh ClientApp
+process per message), so everything a peer needs between phases lives here:
+
+    <root>/block_0007.safetensors   # the layers of block 7 as this node last trained them,
+                                    # plus (in its metadata) the phase that wrote it and
+                                    # the node's data-stream position after that phase
+
+One file per block, written atomically (temp file + rename), so a phase is
+committed by a single rename and a crash never leaves a half-written block.
+The store doubles as the node's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+class StateStoreError(RuntimeError):
+    pass
+
+
+class NodeStateStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def block_path(self, k: int) -> Path:
+        return self.root / f"block_{k:04d}.safetensors"
+
+    def save_block(
+        self,
+        k: int,
+        named_params: list[tuple[str, torch.Tensor]],
+        phase: int,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Commit block k after `phase`; `extra` (e.g. the data position) rides along."""
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_params}
+        metadata = {"phase": str(phase), "extra": json.dumps(extra or {})}
+        target = self.block_path(k)
+        tmp = target.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, target)
+        return target
+
+    def saved_blocks(self) -> dict[int, dict[str, Any]]:
+        """{block: {"phase": int, "extra": dict}} for every committed block."""
+        out = {}
+        for path in sorted(self.root.glob("block_*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            out[int(path.stem.split("_")[1])] = {
+                "phase": int(meta.get("phase", -1)),
+                "extra": json.loads(meta.get("extra", "{}")),
+            }
+        return out
+
+    def latest(self) -> dict[str, Any] | None:
+        """The most recently committed phase and its extra data, or None for a fresh node."""
+        blocks = self.saved_blocks()
+        if not blocks:
+            return None
+        k, info = max(blocks.items(), key=lambda item: item[1]["phase"])
+        return {"block": k, **info}
+
+    @torch.no_grad()
+    def restore_into(self, model: nn.Module) -> list[int]:
+        """Copy every committed block into `model` (matched by parameter name)."""
+        params = dict(model.named_parameters())
+        restored = []
+        for path in sorted(self.root.glob("block_*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name not in params:
+                        raise StateStoreError(
+                            f"{path} holds {name!r}, which the model does not have: the state "
+                            "dir belongs to another model (change the node's state-dir)"
+                        )
+                    tensor = f.get_tensor(name)
+                    target = params[name]
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        raise StateStoreError(
+                            f"{path}: {name} has shape {tuple(tensor.shape)}, the model "
+                            f"expects {tuple(target.shape)} (change the node's state-dir)"
+                        )
+                    target.copy_(tensor.to(target.dtype))
+            restored.append(int(path.stem.split("_")[1]))
+        return restored
