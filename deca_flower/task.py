@@ -28,6 +28,9 @@ from deca_flower.data import (
 from deca_flower.models import load_model
 from deca_flower.topology import build_graph, mixing_matrix, validate_mixing_matrix
 
+# Progress bars from every `ds.map` in every Ray actor drown the run's own progress lines.
+datasets.disable_progress_bars()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,0 +1,664 @@
+"""Data plane: per-step block gossip between DECA peers over ``torch.distributed``.
+
+Each DECA peer sends its active block ``x_half`` (eq. 6) to its graph neighbours, receives
+theirs, and mixes ``x_i = sum_j w_ij x_half_j`` (eq. 7). Peers are separate processes (Flower
+ClientApps in Ray actors, or SuperNodes at different sites), so the exchange runs over
+point-to-point ``torch.distributed`` (Gloo over TCP by default, NCCL where every peer owns a
+distinct GPU). Rendezvous goes through a ``TCPStore`` hosted by the coordinator
+(:func:`host_store`); every phase joins a fresh process group under its own store prefix.
+
+This module is framework-free: it never imports ``flwr``.
+
+Wire protocol of one :class:`GossipGroup`:
+
+1. join: every rank publishes its row of W in the store and waits for all ranks, so a peer
+   that never shows up, a duplicated rank and an asymmetric W fail fast with names.
+2. header (tag 0), once per group and whenever the block size or block id changes: a tiny
+   float64 vector (rank, numel, block id, wire dtype). Neighbours on another block or with
+   another size are reported before any payload moves, because Gloo aborts the whole process
+   when a payload is larger than the receive buffer.
+3. payload (a tag derived from the header), every step: exactly ``numel`` elements of the
+   wire dtype to each neighbour and nothing else (invariant 12).
+
+Mixing order (shared with the in-process engine through :func:`mix_blocks`)::
+
+    mixed_i = zeros(fp32)
+    for j in sorted(neighbours + [i]):
+        mixed_i = mixed_i + fp32(w_ij) * x_j      # one rounding for *, one for +
+
+so a multi-process run and the in-process engine agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "GossipError",
+    "GossipGroup",
+    "GossipStats",
+    "choose_backend",
+    "host_store",
+    "mix_blocks",
+    "resolve_wire_dtype",
+]
+
+log = logging.getLogger(__name__)
+
+_BACKENDS = ("gloo", "nccl")
+_WIRE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+# Codes put in the header so that a neighbour with another wire dtype is named, not misread.
+_WIRE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_HEADER_MAGIC = 0x0DECA
+_HEADER_LEN = 5  # magic, sender rank, numel, block id, wire code
+_HEADER_TAG = 0
+_STORE_NS = "deca-gossip"  # our keys inside the group prefix; torch's own keys live elsewhere
+_ROW_SUM_TOL = 1e-6
+_SYMMETRY_TOL = 1e-9
+
+
+class GossipError(RuntimeError):
+    """A neighbour failed, timed out, or sent a block that does not fit.
+
+    The message names the neighbour rank, what was expected and what arrived, and the
+    setting to change. After a GossipError the group is unusable: call :meth:`GossipGroup.close`.
+    """
+
+
+@dataclass
+class GossipStats:
+    """Traffic counters of one group (bytes this peer sent / received).
+
+    ``bytes_sent``/``bytes_received`` count block payload only (invariant 12); the per-group
+    header goes to ``control_bytes`` (sent). ``seconds`` is wall time inside exchanges.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    exchanges: int = 0
+    control_bytes: int = 0
+
+
+def host_store(
+    host: str = "0.0.0.0",
+    port: int = 0,
+    world_size: int | None = None,
+    timeout_s: float = 300,
+) -> tuple[dist.TCPStore, int]:
+    """Host the rendezvous store (coordinator side). Returns the store and its actual port.
+
+    ``port=0`` lets the OS pick a free port. ``host`` "0.0.0.0" (or "" / "::") listens on all
+    interfaces; any other address binds that interface only (torch's TCPStore would otherwise
+    listen everywhere). The store is unauthenticated: expose it only on a trusted network.
+    Keep the returned store alive for as long as peers may join groups: the server dies with it.
+    """
+    listen_fd = None
+    if host not in ("", "0.0.0.0", "::"):
+        # Bind the requested interface ourselves and hand the listening socket to TCPStore.
+        sock = socket.create_server((host, port), backlog=1024)
+        port = sock.getsockname()[1]
+        listen_fd = sock.detach()  # the store owns the descriptor from here on
+    store = dist.TCPStore(
+        host or "0.0.0.0",
+        port,
+        world_size,
+        is_master=True,
+        timeout=timedelta(seconds=timeout_s),
+        # The coordinator must not block here: peers join later, once per phase.
+        wait_for_workers=False,
+        master_listen_fd=listen_fd,
+    )
+    return store, int(store.port)
+
+
+def choose_backend(requested: str = "auto", device: torch.device | str = "cpu") -> str:
+    """Pick the process-group backend.
+
+    ``"auto"`` gives ``"nccl"`` for a CUDA device when NCCL is available, else ``"gloo"``.
+    NCCL needs a distinct GPU per peer; when several simulated peers share one GPU, set
+    ``gossip.backend=gloo`` (blocks are then staged through host memory).
+    """
+    dev = torch.device(device)
+    name = str(requested).strip().lower()
+    if name == "auto":
+        nccl_ok = dist.is_available() and dist.is_nccl_available()
+        return "nccl" if dev.type == "cuda" and nccl_ok else "gloo"
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"gossip.backend={requested!r} is not supported; use 'auto', 'gloo' or 'nccl'"
+        )
+    if name == "nccl":
+        if dev.type != "cuda":
+            raise ValueError(
+                f"gossip.backend='nccl' needs a CUDA device, but the block lives on {dev}; "
+                "set gossip.backend=gloo (or auto)"
+            )
+        if not dist.is_nccl_available():
+            raise ValueError(
+                "gossip.backend='nccl' but this torch build has no NCCL; set gossip.backend=gloo"
+            )
+    return name
+
+
+def resolve_wire_dtype(wire_dtype: torch.dtype | str | None) -> torch.dtype:
+    """Map ``None``/dtype/name (``fp32``, ``bf16``, ``fp16``, ...) to the dtype sent on the wire."""
+    if wire_dtype is None:
+        return torch.float32
+    if isinstance(wire_dtype, torch.dtype):
+        if wire_dtype in _WIRE_CODES:
+            return wire_dtype
+    elif str(wire_dtype).strip().lower() in _WIRE_DTYPES:
+        return _WIRE_DTYPES[str(wire_dtype).strip().lower()]
+    raise ValueError(
+        f"algorithm.wire_dtype resolved to {wire_dtype!r}, which is not supported; the wire "
+        "carries float32, bfloat16 or float16"
+    )
+
+
+def mix_blocks(
+    blocks: Mapping[int, torch.Tensor],
+    weights: Mapping[int, float],
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference mixing ``sum_j w_j * x_j`` in fp32, in ascending rank order.
+
+    ``acc = 0; for j in sorted(blocks): acc = acc + fp32(w_j) * x_j``, with a separate
+    rounding for the product and for the sum (no fused multiply-add), so that the result is
+    bit-reproducible and equal to the plain Python loop written that way. The in-process
+    engine and :meth:`GossipGroup.mix` both call this function, which is what makes them agree
+    bit for bit. ``out`` (optional) receives the result and must not alias any input.
+    """
+    if set(blocks) != set(weights):
+        raise ValueError(
+            f"mixing weights cover ranks {sorted(weights)} but blocks come from {sorted(blocks)}"
+        )
+    if not blocks:
+        raise ValueError("mix_blocks needs at least one block (the peer's own)")
+    order = sorted(blocks)
+    first = blocks[order[0]]
+    acc = torch.zeros_like(first, dtype=torch.float32) if out is None else out.zero_()
+    scratch = torch.empty_like(acc)
+    for j in order:
+        x = blocks[j]
+        if x.shape != acc.shape:
+            raise ValueError(f"block of rank {j} has shape {tuple(x.shape)}, expected {acc.shape}")
+        torch.mul(x.to(torch.float32), float(weights[j]), out=scratch)
+        acc.add_(scratch)
+    return acc
+
+
+def _validate_row(
+    rank: int,
+    world_size: int,
+    neighbours: list[int],
+    weights: Mapping[int, float],
+    self_weight: float,
+) -> tuple[list[int], dict[int, float]]:
+    """Check this peer's row of W locally (before any network), return it normalised."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    nbrs = sorted(int(j) for j in neighbours)
+    if len(set(nbrs)) != len(nbrs):
+        raise ValueError(f"rank {rank}: duplicate neighbours in {neighbours}")
+    for j in nbrs:
+        if j == rank or not 0 <= j < world_size:
+            raise ValueError(f"rank {rank}: neighbour {j} is itself or outside [0, {world_size})")
+    w = {int(j): float(v) for j, v in weights.items()}
+    if set(w) != set(nbrs):
+        raise ValueError(
+            f"rank {rank}: weights are given for ranks {sorted(w)} but neighbours are {nbrs}"
+        )
+    if self_weight < 0 or any(v < 0 for v in w.values()):
+        raise ValueError(f"rank {rank}: mixing weights must be non-negative, got {w}")
+    row_sum = float(self_weight) + sum(w.values())
+    if abs(row_sum - 1.0) > _ROW_SUM_TOL:
+        raise ValueError(
+            f"rank {rank}: mixing weights sum to {row_sum!r}, expected 1 (W must be doubly "
+            "stochastic, or mixing no longer preserves the average)"
+        )
+    return nbrs, w
+
+
+def _first_line(exc: BaseException) -> str:
+    """torch's C++ errors carry a long stack trace: keep the sentence that says what happened."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _device_id(device: torch.device) -> str:
+    """Identity of the accelerator this peer uses, to catch NCCL peers sharing one GPU."""
+    if device.type != "cuda":
+        return f"{socket.gethostname()}/{device}"
+    props = torch.cuda.get_device_properties(device)
+    return f"{socket.gethostname()}/{getattr(props, 'uuid', device.index)}"
+
+
+class GossipGroup:
+    """One peer's membership in the gossip process group of one phase.
+
+    Joins with ``init_process_group(backend, store=PrefixStore(group_name, TCPStore client))``.
+    ``group_name`` must be unique per phase *attempt* (e.g. ``f"run{run_id}/phase{i}/try{k}"``):
+    the store keeps each group's keys, and a reused name is reported as a duplicate rank.
+    torch.distributed allows one default group per process, so close the group (or use it as
+    a context manager) before the same process joins the next one.
+
+    For deployments across machines, Gloo picks its network interface from the host name;
+    set ``GLOO_SOCKET_IFNAME`` on each site if that resolves to a loopback address.
+    """
+
+    def __init__(
+        self,
+        store_host: str,
+        store_port: int,
+        rank: int,
+        world_size: int,
+        neighbours: list[int],
+        weights: dict[int, float],
+        self_weight: float,
+        *,
+        group_name: str,
+        backend: str = "gloo",
+        device: torch.device | str = "cpu",
+        wire_dtype: torch.dtype | str | None = None,
+        timeout_s: float = 300,
+    ) -> None:
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.neighbours, self.weights = _validate_row(
+            self.rank, self.world_size, neighbours, weights, self_weight
+        )
+        self.self_weight = float(self_weight)
+        self.group_name = group_name
+        self.device = self._normalise_device(device)
+        self.backend = choose_backend(backend, self.device)
+        self.wire_dtype = resolve_wire_dtype(wire_dtype)
+        self.timeout_s = float(timeout_s)
+        self.stats = GossipStats()
+        # Gloo moves host memory only: blocks on a GPU are staged through (pinned) CPU buffers.
+        self._comm_device = self.device if self.backend == "nccl" else torch.device("cpu")
+        self._key: tuple[int, int] | None = None
+        self._tag = 1
+        self._buffers: dict[str, Any] = {}
+        self._broken = False
+        self._joined = False
+        self._store: dist.Store | None = None
+        self._join(store_host, int(store_port))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @staticmethod
+    def _normalise_device(device: torch.device | str) -> torch.device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
+
+    def _join(self, host: str, port: int) -> None:
+        if dist.is_initialized():
+            raise GossipError(
+                f"rank {self.rank}: torch.distributed already has a process group in this "
+                "process (a previous GossipGroup was not closed?); close it before joining "
+                f"group {self.group_name!r}"
+            )
+        self._store = self._connect(host, port)
+        try:
+            self._rendezvous(self._store)
+        except GossipError:
+            raise
+        except (RuntimeError, dist.DistError) as exc:  # the coordinator went away mid-join
+            raise GossipError(
+                f"rank {self.rank}: lost the coordinator's store at {host}:{port} while joining "
+                f"group {self.group_name!r} ({_first_line(exc)}); the ServerApp may have stopped"
+            ) from exc
+        self._init_process_group(self._store)
+        self._joined = True
+        log.debug("rank %d joined gossip group %s", self.rank, self.group_name)
+
+    def _connect(self, host: str, port: int) -> dist.Store:
+        try:
+            client = dist.TCPStore(
+                host, port, is_master=False, timeout=timedelta(seconds=self.timeout_s)
+            )
+        except (RuntimeError, dist.DistError) as exc:
+            raise GossipError(
+                f"rank {self.rank}: cannot reach the coordinator's store at {host}:{port} "
+                f"within {self.timeout_s:g} s ({_first_line(exc)}); check the address in the "
+                "phase message and the firewall, or raise gossip.timeout_s"
+            ) from exc
+        # One prefix per phase: groups of different phases never see each other's keys.
+        return dist.PrefixStore(self.group_name, client)
+
+    def _init_process_group(self, store: dist.Store) -> None:
+        if self.backend == "nccl":
+            torch.cuda.set_device(self.device)
+        try:
+            dist.init_process_group(
+                self.backend,
+                store=store,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=self.timeout_s),
+                device_id=self.device if self.backend == "nccl" else None,
+            )
+        except (RuntimeError, dist.DistError) as exc:
+            raise GossipError(
+                f"rank {self.rank}: could not set up the {self.backend} group "
+                f"{self.group_name!r} ({_first_line(exc)}); raise gossip.timeout_s if peers "
+                "are slow to start, or set gossip.backend=gloo if peers share a GPU"
+            ) from exc
+
+    def _rendezvous(self, store: dist.Store) -> None:
+        """Publish this row of W, wait for every rank, and check the rows agree."""
+        claims = store.add(f"{_STORE_NS}/claim/{self.rank}", 1)
+        if claims != 1:
+            raise GossipError(
+                f"rank {self.rank} joined group {self.group_name!r} {claims} times: two peers "
+                "share one rank (check partition-id in the node config), or the coordinator "
+                "reused a group name; group names must be unique per phase attempt"
+            )
+        info = {
+            "world_size": self.world_size,
+            "backend": self.backend,
+            "wire": self._wire_code,
+            "neighbours": {str(j): w for j, w in self.weights.items()},
+            "device": _device_id(self.device),
+        }
+        store.set(f"{_STORE_NS}/join/{self.rank}", json.dumps(info))
+        keys = [f"{_STORE_NS}/join/{r}" for r in range(self.world_size)]
+        try:
+            store.wait(keys, timedelta(seconds=self.timeout_s))
+        except (RuntimeError, dist.DistError) as exc:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            raise GossipError(
+                f"rank {self.rank}: ranks {missing} never joined group {self.group_name!r} "
+                f"within {self.timeout_s:g} s (expected all {self.world_size} peers); check that "
+                "those nodes are alive and that the simulation can run all peers at once, or "
+                "raise gossip.timeout_s"
+            ) from exc
+        infos = [json.loads(raw) for raw in store.multi_get(keys)]
+        self._check_rows(infos)
+
+    def _check_rows(self, infos: list[dict[str, Any]]) -> None:
+        """Every rank checks the whole W it can see, so all ranks fail together, by name."""
+        mine = {"world_size": self.world_size, "backend": self.backend, "wire": self._wire_code}
+        problems: list[str] = []
+        for r, info in enumerate(infos):
+            problems += [
+                f"rank {r} has {field}={info[field]!r}, this rank {value!r}"
+                for field, value in mine.items()
+                if info[field] != value
+            ]
+            problems += self._edge_problems(r, info["neighbours"].get(str(self.rank)))
+        if self.backend == "nccl":
+            problems += self._shared_gpus(infos)
+        if problems:
+            raise GossipError(
+                f"rank {self.rank}: peers of group {self.group_name!r} disagree: "
+                + "; ".join(problems)
+                + " (each peer must get its row of the same symmetric W and the same "
+                "gossip.* settings; NCCL needs one GPU per peer, else gossip.backend=gloo)"
+            )
+
+    def _edge_problems(self, r: int, theirs: float | None) -> list[str]:
+        """Compare w_ij (this row) with w_ji (rank r's row): W must be symmetric."""
+        mine = self.weights.get(r)
+        if theirs is None and mine is not None:
+            return [f"rank {r} is a neighbour here but does not list rank {self.rank}"]
+        if theirs is not None and mine is None:
+            return [f"rank {r} lists rank {self.rank} as a neighbour, but not vice versa"]
+        if theirs is not None and mine is not None and abs(theirs - mine) > _SYMMETRY_TOL:
+            return [f"rank {r} uses w={theirs!r} for edge ({r},{self.rank}), this rank {mine!r}"]
+        return []
+
+    @staticmethod
+    def _shared_gpus(infos: list[dict[str, Any]]) -> list[str]:
+        seen: dict[str, int] = {}
+        out = []
+        for r, info in enumerate(infos):
+            if info["device"] in seen:
+                out.append(f"ranks {seen[info['device']]} and {r} share GPU {info['device']}")
+            seen.setdefault(info["device"], r)
+        return out
+
+    def close(self) -> None:
+        """Leave the group and free torch.distributed's default group for the next one."""
+        joined, self._joined, self._broken = self._joined, False, True
+        self._buffers.clear()
+        self._store = None
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+            log.debug("rank %d left gossip group %s", self.rank, self.group_name)
+
+    def __enter__(self) -> GossipGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def degree(self) -> int:
+        return len(self.neighbours)
+
+    # ------------------------------------------------------------------ exchange
+
+    def exchange(self, block: torch.Tensor, *, block_id: int = -1) -> dict[int, torch.Tensor]:
+        """Send ``block`` to every neighbour and return ``{rank: their block}`` in fp32.
+
+        The returned tensors are buffers reused by the next call: read (or copy) them first.
+        ``block_id`` identifies the active block so a neighbour on another block of the same
+        size is caught. Raises :class:`GossipError` naming the neighbour on failure.
+        """
+        self._check_block(block)
+        start = time.perf_counter()
+        try:
+            key = (block.numel(), int(block_id))
+            if key != self._key:
+                self._prepare(key)
+            self._transfer(block)
+            received = self._unstage()
+            self._check_finite(block, received)
+        except GossipError:
+            self._broken = True
+            raise
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+        payload = block.numel() * self._wire_size() * self.degree
+        self.stats.bytes_sent += payload
+        self.stats.bytes_received += payload
+        self.stats.exchanges += 1
+        return received
+
+    def mix(
+        self, block: torch.Tensor, *, block_id: int = -1, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Exchange, then return ``sum_j w_ij x_j`` over neighbours and self (eq. 7).
+
+        Accumulates in fp32 in ascending rank order via :func:`mix_blocks`. ``block`` itself
+        (the fp32 master copy, never its wire-rounded form) is the self term and is never
+        modified; with a bf16/fp16 wire the neighbours' terms carry the wire rounding.
+        """
+        if out is not None and out.untyped_storage().data_ptr() == (
+            block.untyped_storage().data_ptr()
+        ):
+            raise ValueError("mix(out=...) must not alias the input block")
+        received = self.exchange(block, block_id=block_id)
+        blocks = {**received, self.rank: block}
+        weights = {**self.weights, self.rank: self.self_weight}
+        return mix_blocks(blocks, weights, out=out)
+
+    def _wire_size(self) -> int:
+        return torch.empty((), dtype=self.wire_dtype).element_size()
+
+    @property
+    def _wire_code(self) -> int:
+        return _WIRE_CODES[self.wire_dtype]
+
+    def _check_block(self, block: torch.Tensor) -> None:
+        if self._broken or not self._joined:
+            raise GossipError(
+                f"rank {self.rank}: group {self.group_name!r} is closed or failed earlier; "
+                "join a new group"
+            )
+        if block.dim() != 1 or block.dtype != torch.float32 or not block.is_contiguous():
+            raise ValueError(
+                "gossip blocks must be contiguous 1-D float32 tensors (the fp32 master copy), "
+                f"got shape {tuple(block.shape)} dtype {block.dtype}"
+            )
+        if block.device != self.device:
+            raise ValueError(f"block is on {block.device} but the group uses {self.device}")
+
+    def _prepare(self, key: tuple[int, int]) -> None:
+        """(Re)allocate buffers for a new block size and agree on it with every neighbour."""
+        numel, block_id = key
+        self._handshake(numel, block_id)
+        wire, comm, dev = self.wire_dtype, self._comm_device, self.device
+        pin = comm.type == "cpu" and dev.type == "cuda"
+        staged = wire != torch.float32 or comm != dev
+        bufs: dict[str, Any] = {
+            "send": torch.empty(numel, dtype=wire, device=comm, pin_memory=pin) if staged else None,
+            "recv": {
+                j: torch.empty(numel, dtype=wire, device=comm, pin_memory=pin)
+                for j in self.neighbours
+            },
+        }
+        bufs["out"] = (
+            {j: torch.empty(numel, dtype=torch.float32, device=dev) for j in self.neighbours}
+            if staged
+            else bufs["recv"]
+        )
+        self._buffers = bufs
+        self._key = key
+        # A per-size tag: if neighbours ever disagree on the size without a new handshake,
+        # Gloo times out on unmatched tags instead of aborting the process on a size mismatch.
+        self._tag = 1 + zlib.crc32(f"{numel}:{block_id}:{wire}".encode()) % (2**30)
+
+    def _handshake(self, numel: int, block_id: int) -> None:
+        code = self._wire_code
+        mine = [_HEADER_MAGIC, self.rank, numel, block_id, code]
+        header = torch.tensor(mine, dtype=torch.float64, device=self._comm_device)
+        recv = {j: torch.empty_like(header) for j in self.neighbours}
+        self._run_p2p(header, recv, _HEADER_TAG, what="header")
+        self.stats.control_bytes += header.numel() * header.element_size() * self.degree
+        problems = []
+        for j, buf in recv.items():
+            got = [int(v) for v in buf.tolist()]
+            if got[0] != _HEADER_MAGIC or got[1] != j:
+                problems.append(f"neighbour rank {j} sent a malformed header {got}")
+            elif got[2:] != mine[2:]:
+                problems.append(
+                    f"neighbour rank {j} is on block {got[3]} with {got[2]} elements "
+                    f"(wire code {got[4]}), this rank expected block {block_id} with {numel} "
+                    f"elements (wire code {code})"
+                )
+        if problems:
+            raise GossipError(
+                f"rank {self.rank}, group {self.group_name!r}: "
+                + "; ".join(problems)
+                + " (all peers of a phase must train the same block of the same model with "
+                "the same algorithm.wire_dtype and train.layers_per_block)"
+            )
+
+    def _transfer(self, block: torch.Tensor) -> None:
+        send = self._buffers["send"]
+        if send is not None:
+            send.copy_(block, non_blocking=send.is_pinned())
+            if block.is_cuda and send.device.type == "cpu":
+                torch.cuda.current_stream(block.device).synchronize()  # pinned copy is async
+        else:
+            send = block
+        self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
+
+    def _run_p2p(
+        self, send: torch.Tensor, recv: dict[int, torch.Tensor], tag: int, *, what: str
+    ) -> None:
+        """Post all sends and receives at once, then wait under one shared deadline."""
+        if not self.neighbours:
+            return
+        ops = [dist.P2POp(dist.isend, send, j, tag=tag) for j in self.neighbours]
+        ops += [dist.P2POp(dist.irecv, recv[j], j, tag=tag) for j in self.neighbours]
+        labels = [f"sending the {what} to" for _ in self.neighbours]
+        labels += [f"receiving the {what} from" for _ in self.neighbours]
+        peers = self.neighbours * 2
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._p2p_error(
+                f"posting the {what} exchange with", self.neighbours, exc
+            ) from exc
+        if len(works) != len(ops):  # NCCL coalesces the batch into one work
+            labels, peers = [f"exchanging the {what} with"], [self.neighbours]
+        deadline = time.monotonic() + self.timeout_s
+        for work, label, peer in zip(works, labels, peers, strict=False):
+            # timedelta(0) would mean "the group default"; keep at least 1 ms left.
+            left = timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
+            try:
+                work.wait(left)
+            except (RuntimeError, dist.DistError) as exc:
+                raise self._p2p_error(label, peer, exc) from exc
+
+    def _p2p_error(self, label: str, peer: int | list[int], exc: BaseException) -> GossipError:
+        text = _first_line(exc)
+        who = f"neighbour rank {peer}" if isinstance(peer, int) else f"neighbour ranks {peer}"
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            hint = (
+                f"no progress within gossip.timeout_s={self.timeout_s:g} s: the neighbour is "
+                "stuck, slower than the timeout, or on another phase; raise gossip.timeout_s "
+                "if steps are legitimately slow"
+            )
+        else:
+            hint = "the neighbour process died or closed the group (look at its log first)"
+        return GossipError(
+            f"rank {self.rank}, group {self.group_name!r}: failed {label} {who}: {hint}. "
+            f"Backend said: {text}"
+        )
+
+    def _unstage(self) -> dict[int, torch.Tensor]:
+        out, recv = self._buffers["out"], self._buffers["recv"]
+        if out is not recv:
+            for j in self.neighbours:
+                out[j].copy_(recv[j])  # cast from the wire dtype / move to the block's device
+        return dict(out)
+
+    def _check_finite(self, block: torch.Tensor, received: dict[int, torch.Tensor]) -> None:
+        """Name every neighbour (and this rank) whose block holds NaN/Inf."""
+        ranks = [*received, self.rank]
+        tensors = [*received.values(), block]
+        # Fast path: a finite sum implies every element is finite; one sync for all blocks.
+        sums_ok = torch.isfinite(torch.stack([t.sum() for t in tensors])).tolist()
+        problems = []
+        for r, t, ok in zip(ranks, tensors, sums_ok, strict=True):
+            bad = 0 if ok else int((~torch.isfinite(t)).sum())
+            if bad and r == self.rank:
+                problems.append(f"this rank's own block has {bad} non-finite values of {t.numel()}")
+            elif bad:
+                problems.append(
+                    f"neighbour rank {r} sent {bad} non-finite values of {t.numel()} "
+                    "(expected all finite)"
+                )
+        if problems:
+            raise GossipError(
+                f"rank {self.rank}, group {self.group_name!r}: "
+                + "; ".join(problems)
+                + ": local training diverged there; lower the learning rate, and with "
+                "a float16 wire (algorithm.wire_dtype=model on an fp16 model) check for overflow"
+            )
