@@ -277,6 +277,8 @@ class Coordinator:
         self.run_dir.log(
             {
                 "type": "data",
+                "run_id": self.run_id,
+                "state_dir_hint": "simulation: <output_dir>/state/run-<run_id>/node-<rank>",
                 "label_counts": counts,
                 "train_sizes": [sum(c) for c in counts],
                 "num_blocks": num_blocks,

@@ -1,0 +1,172 @@
+"""End-to-end `flwr run .` through Flower's real simulation engine (Ray), tiny model.
+
+One successful run (module fixture) is checked for outputs, falling loss, bytes on the
+wire, no parameters reaching the coordinator, and equivalence with the in-process engine.
+The failure tests check that bad settings stop the run with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deca_flower.config import load_config
+from deca_flower.engine import Engine
+from deca_flower.reporting import read_metrics
+from deca_flower.topology import build_graph, neighbours
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_NODES = 4
+SETTINGS = {  # shared by the Flower run and the engine run it is compared with
+    "num_clients": NUM_NODES,
+    "train.steps_per_block": 2,
+    "data.max_examples": 240,
+    "eval.max_examples_per_client": 4,
+    "topology.name": "er",
+    "topology.p": 0.6,
+}
+
+# `flwr` and the local SuperLink it starts must come from this environment.
+_bin = str(Path(sys.executable).parent)
+
+
+def flwr_run(
+    out_dir: Path,
+    overrides: dict,
+    *,
+    nodes: int = NUM_NODES,
+    cpus: int | None = None,
+    model: str = "tiny",
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    overrides = {"num_clients": nodes, **overrides}
+    dotted = " ".join(f"{k}={v}" for k, v in overrides.items())
+    run_config = f'preset-model="{model}" output-dir="{out_dir}" overrides="{dotted}"'
+    federation = (
+        f"num-supernodes={nodes} client-resources-num-cpus=1 init-args-num-cpus={cpus or nodes}"
+    )
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    return subprocess.run(
+        [
+            "flwr",
+            "run",
+            str(REPO),
+            "--stream",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            federation,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def finished_runs(out_dir: Path) -> list[Path]:
+    return [p for p in out_dir.glob("deca-*") if not p.name.endswith(".incomplete")]
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("flower")
+    proc = flwr_run(out_dir, {k: v for k, v in SETTINGS.items() if k != "num_clients"})
+    runs = finished_runs(out_dir)
+    assert len(runs) == 1, f"no result:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return out_dir, runs[0], read_metrics(runs[0] / "metrics.jsonl"), proc
+
+
+def test_flower_run_writes_outputs_and_learns(flower_run):
+    _, run, records, proc = flower_run
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.md",
+        "loss.png",
+        "accuracy.png",
+        "consensus.png",
+        "label_distribution.png",
+    ):
+        assert (run / name).stat().st_size > 0, name
+    steps = [r for r in records if r["type"] == "step"]
+    data = next(r for r in records if r["type"] == "data")
+    assert len(steps) == data["num_blocks"] * SETTINGS["train.steps_per_block"]
+    assert np.mean(steps[-1]["loss"]) < np.mean(steps[0]["loss"])
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [e["round"] for e in evals] == [-1, 0]  # zero-shot, then after round 1
+    assert "phase 4/4" in proc.stdout + proc.stderr  # progress lines reach the console
+
+
+def test_coordinator_never_receives_parameters(flower_run):
+    _, _, records, _ = flower_run
+    coordinator = next(r for r in records if r["type"] == "coordinator")
+    smallest_block = min(r["block_numel"] for r in records if r["type"] == "phase")
+    assert coordinator["array_records_received"] == 0
+    assert coordinator["max_reply_values"] < smallest_block
+
+
+def test_bytes_on_the_wire_are_block_times_degree(flower_run):  # invariant 12
+    _, _, records, _ = flower_run
+    graph = build_graph("er", NUM_NODES, p=SETTINGS["topology.p"], seed=0)
+    for phase in (r for r in records if r["type"] == "phase"):
+        for rank in range(NUM_NODES):
+            degree = len(neighbours(graph, rank))
+            expected = phase["block_numel"] * 4 * degree * SETTINGS["train.steps_per_block"]
+            assert phase["bytes_sent"][rank] == expected
+            assert phase["bytes_received"][rank] == expected
+
+
+def test_flower_run_equals_in_process_engine(flower_run, tmp_path):
+    out_dir, _, records, _ = flower_run
+    cfg = load_config({"model": "tiny"}, {**SETTINGS, "output_dir": str(tmp_path)})
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    result = engine.run()
+    engine_steps = [r["loss"] for r in result.records if r["type"] == "step"]
+    flower_steps = [r["loss"] for r in records if r["type"] == "step"]
+    np.testing.assert_allclose(flower_steps, engine_steps, rtol=1e-4, atol=1e-5)
+    run_id = next(r for r in records if r["type"] == "data")["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = out_dir / "state" / f"run-{run_id}" / f"node-{rank}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _fails_with(proc: subprocess.CompletedProcess, text: str, out_dir: Path) -> None:
+    output = proc.stdout + proc.stderr
+    assert text in output, output[-6000:]
+    assert finished_runs(out_dir) == []  # nothing presented as a result
+
+
+def test_unknown_preset_fails_fast(tmp_path):
+    proc = flwr_run(tmp_path, {"num_clients": 2}, nodes=2, model="gpt-17")
+    _fails_with(proc, "unknown model preset 'gpt-17'", tmp_path)
+
+
+def test_disconnected_file_topology_fails_fast(tmp_path):
+    edges = tmp_path / "two_islands.edgelist"
+    edges.write_text("0 1\n2 3\n")
+    proc = flwr_run(tmp_path, {"topology.name": "file", "topology.path": str(edges)})
+    _fails_with(proc, "topology.path", tmp_path)
+    assert "disconnected" in (proc.stdout + proc.stderr).lower()
+
+
+def test_too_few_concurrent_actors_names_the_federation_config(tmp_path):
+    # 3 peers but Ray has CPUs for 2 actors: peers 0-1 wait at the barrier for peer 2.
+    proc = flwr_run(tmp_path, {"num_clients": 3, "flower.barrier_timeout_s": 15}, nodes=3, cpus=2)
+    _fails_with(proc, "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3", tmp_path)
