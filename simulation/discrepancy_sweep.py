@@ -46,16 +46,24 @@ SHARED = [
 
 
 def run_cell(variant: str, seed: int, extra: list[str], out: Path) -> dict:
-    overrides = [*SHARED, *extra, *VARIANTS[variant], f"seed={seed}",
-                 f"output_dir={out / 'runs'}", f"run_name={_slug(variant)}-s{seed}"]
+    overrides = [
+        *SHARED,
+        *extra,
+        *VARIANTS[variant],
+        f"seed={seed}",
+        f"output_dir={out / 'runs'}",
+        f"run_name={_slug(variant)}-s{seed}",
+    ]
     cfg = load_config(overrides=overrides)
     start = time.perf_counter()
     result = run_engine(cfg)
     steps = [r for r in result.records if r["type"] == "step"]
     final = result.evals()[-1]
-    tail = steps[-cfg.train.steps_per_block:]
+    tail = steps[-cfg.train.steps_per_block :]
     return {
-        "variant": variant, "seed": seed, "run_dir": str(result.out_dir),
+        "variant": variant,
+        "seed": seed,
+        "run_dir": str(result.out_dir),
         "client_accuracy": final["client_mean"]["accuracy"],
         "client_f1": final["client_mean"]["f1_weighted"],
         "average_accuracy": final["average"]["accuracy"],
@@ -67,22 +75,34 @@ def run_cell(variant: str, seed: int, extra: list[str], out: Path) -> dict:
 
 
 def table(cells: list[dict]) -> str:
-    rows = ["| variant | seeds | client acc | client F1 | avg-model acc | avg-model F1 | "
-            "final loss | consensus dist |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | seeds | client acc | client F1 | avg-model acc | avg-model F1 | "
+        "final loss | consensus dist |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for variant in VARIANTS:
         mine = [c for c in cells if c["variant"] == variant]
         if not mine:
             continue
-        cols = [_mean_std([c[k] for c in mine]) for k in
-                ("client_accuracy", "client_f1", "average_accuracy", "average_f1", "final_loss")]
+        cols = [
+            _mean_std([c[k] for c in mine])
+            for k in (
+                "client_accuracy",
+                "client_f1",
+                "average_accuracy",
+                "average_f1",
+                "final_loss",
+            )
+        ]
         cons = statistics.mean(c["consensus_distance"] for c in mine)
         rows.append(f"| {variant} | {len(mine)} | " + " | ".join(cols) + f" | {cons:.3e} |")
     return "\n".join(rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/discrepancy"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -90,8 +110,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cells_path = args.out / "cells.jsonl"
-    cells = [json.loads(x) for x in cells_path.read_text().splitlines()] if cells_path.exists() \
-        else []
+    cells = (
+        [json.loads(x) for x in cells_path.read_text().splitlines()] if cells_path.exists() else []
+    )
     done = {(c["variant"], c["seed"]) for c in cells}
     todo = [(v, s) for s in args.seeds for v in args.variants if (v, s) not in done]
     for i, (variant, seed) in enumerate(todo, 1):
@@ -101,11 +122,18 @@ def main() -> None:
         cells.append(cell)
         with cells_path.open("a") as f:
             f.write(json.dumps(cell) + "\n")
-    command = "python simulation/discrepancy_sweep.py --out " + str(args.out) + " --seeds " + \
-        " ".join(map(str, args.seeds)) + (" " + " ".join(args.extra) if args.extra else "")
-    text = (f"# BMA discrepancy options, measured\n\nCommand: `{command}`\n\n"
-            f"Shared settings: `{' '.join(SHARED + args.extra)}` (SmolLM2-135M-Instruct, "
-            "embedded rotten-tomatoes, ER graph, mean +- std over seeds).\n\n" + table(cells) + "\n")
+    command = (
+        "python simulation/discrepancy_sweep.py --out "
+        + str(args.out)
+        + " --seeds "
+        + " ".join(map(str, args.seeds))
+        + (" " + " ".join(args.extra) if args.extra else "")
+    )
+    text = (
+        f"# BMA discrepancy options, measured\n\nCommand: `{command}`\n\n"
+        f"Shared settings: `{' '.join(SHARED + args.extra)}` (SmolLM2-135M-Instruct, "
+        "embedded rotten-tomatoes, ER graph, mean +- std over seeds).\n\n" + table(cells) + "\n"
+    )
     (args.out / "discrepancy.md").write_text(text)
     print(text)
 
