@@ -5,6 +5,10 @@ Message types (sent by `server_app.py`):
   coordinator's store so the coordinator learns whether all peers can run at once.
 - `train.deca`: run one phase (S inner steps per block, gossip every step); reply metrics.
 - `evaluate.deca`: predict on the local test slice (and with the network average).
+- `query.finish`: optionally export the final model; drop a simulated node's scratch state.
+
+Node config (`--node-config`, deployment): `partition-id`, `num-partitions`, `state-dir`,
+`data-path`, `store-host`; see docs/deployment.md.
 
 Replies carry only scalars and short lists: parameters never travel through Flower.
 """
@@ -42,6 +46,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, lambda: _evaluate(msg, context))
 
 
+@app.query("finish")
+def finish(msg: Message, context: Context) -> Message:
+    return _reply(msg, lambda: _finish(msg, context))
+
+
 # ---------------------------------------------------------------------- handlers
 
 
@@ -76,6 +85,19 @@ def _evaluate(msg: Message, context: Context) -> dict[str, Any]:
     return {"rank": plan.rank, **out}
 
 
+def _finish(msg: Message, context: Context) -> dict[str, Any]:
+    """Export the final model if asked; a simulated node's state store is scratch space."""
+    request = msg.content["request"]
+    node = _node(context)
+    out: dict[str, Any] = {"rank": node.rank}
+    if request["export_models"]:
+        out["exported"] = str(node.export_model())
+    deployed = bool(context.node_config.get("state-dir"))
+    if not deployed and not request["keep_state"]:
+        node.delete_state()
+    return out
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -104,7 +126,8 @@ def _node(context: Context):
     cfg = config_from_run_config(context.run_config)
     rank = _rank(context)
     run_key = f"{context.run_id}"
-    return get_node(cfg, rank, _state_dir(context, cfg, rank), run_key)
+    data_path = context.node_config.get("data-path") or None
+    return get_node(cfg, rank, _state_dir(context, cfg, rank), run_key, data_path)
 
 
 def _state_dir(context: Context, cfg, rank: int) -> Path:
@@ -142,15 +165,22 @@ def _barrier(request: ConfigRecord, rank: int) -> None:
         host, port, is_master=False, wait_for_workers=False, timeout=_timedelta(timeout)
     )
     key = f"{request['group_name']}/arrived"
+    failed = f"{request['group_name']}/gave-up"
     store.add(key, 1)
     deadline = time.monotonic() + timeout
     while (arrived := store.add(key, 0)) < world:
         if time.monotonic() > deadline:
+            store.add(failed, 1)
             raise TimeoutError(
                 f"only {arrived} of {world} DECA peers were running at the same time after "
                 f"{timeout:.0f} s (rank {rank} waited)"
             )
         time.sleep(0.2)
+    if store.add(failed, 0):  # we arrived last, after others had given up waiting for us
+        raise TimeoutError(
+            f"rank {rank} arrived after other peers gave up: not all {world} DECA peers were "
+            "running at the same time"
+        )
 
 
 def _timedelta(seconds: float):

@@ -111,6 +111,8 @@ class FlowerConfig:
     min_nodes_wait_s: float = 120.0  # how long the coordinator waits for SuperNodes
     barrier_timeout_s: float = 120.0  # how long peers wait for each other at the handshake
     phase_timeout_s: float = 7200.0  # longest a phase (or an evaluation) may take
+    keep_state: bool = False  # keep simulated nodes' state stores after a finished run
+    export_models: bool = False  # each node saves its final model (HF format) at the end
 
 
 @dataclass

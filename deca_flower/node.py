@@ -9,6 +9,7 @@ memory so that Ray actors serving the same node again reload nothing.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from deca_flower.task import (
     make_partition,
     make_stream,
     prepare_data,
+    prepare_local_data,
     resolve_device,
     wire_dtype,
 )
@@ -62,12 +64,16 @@ def config_key(cfg: DictConfig) -> str:
 
 
 class Node:
-    def __init__(self, cfg: DictConfig, rank: int, state_dir: str | Path) -> None:
+    def __init__(
+        self, cfg: DictConfig, rank: int, state_dir: str | Path, data_path: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.rank = rank
         self.device = resolve_device(cfg.model.device, rank)
         self.store = NodeStateStore(state_dir)
-        self.run_data: RunData = _run_data(cfg)
+        self.run_data: RunData = (
+            prepare_local_data(cfg, rank, data_path) if data_path else _run_data(cfg)
+        )
         model, self.tokenizer = load_base_model(cfg, self.device)
         partition = make_partition(cfg, model)
         stream = make_stream(cfg, rank, self.run_data, self.tokenizer)
@@ -184,6 +190,17 @@ class Node:
             max_length=self.cfg.data.max_length,
         )
 
+    def export_model(self) -> Path:
+        """This node's fine-tuned model + tokenizer in Hugging Face format, beside its state."""
+        target = self.store.root / "final_model"
+        self.peer.model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+        return target
+
+    def delete_state(self) -> None:
+        shutil.rmtree(self.store.root, ignore_errors=True)
+        _NODES.clear()
+
     def label_counts(self) -> list[int]:
         labels = self.run_data.clients[self.rank].train["label"]
         return [
@@ -209,7 +226,9 @@ def _run_data(cfg: DictConfig) -> RunData:
     return _RUN_DATA[key]
 
 
-def get_node(cfg: DictConfig, rank: int, state_dir: str | Path, run_key: str) -> Node:
+def get_node(
+    cfg: DictConfig, rank: int, state_dir: str | Path, run_key: str, data_path: str | None = None
+) -> Node:
     """The node from this process's cache, else rebuilt from its state store.
 
     Only one node is kept per process: an actor that serves another node next
@@ -219,7 +238,7 @@ def get_node(cfg: DictConfig, rank: int, state_dir: str | Path, run_key: str) ->
     node = _NODES.get(key)
     if node is None:
         _NODES.clear()
-        node = Node(cfg, rank, state_dir)
+        node = Node(cfg, rank, state_dir, data_path)
         _NODES[key] = node
     else:
         node.refresh()

@@ -21,7 +21,7 @@ INCOMPLETE = ".incomplete"
 class RunDir:
     def __init__(self, output_dir: str | Path, run_name: str) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.final = Path(output_dir) / f"{run_name}-{stamp}"
+        self.final = Path(output_dir).resolve() / f"{run_name}-{stamp}"
         self.path = self.final.with_name(self.final.name + INCOMPLETE)
         self.path.mkdir(parents=True, exist_ok=False)
         self.metrics_path = self.path / "metrics.jsonl"

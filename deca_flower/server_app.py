@@ -9,6 +9,7 @@ evaluation at the end of every round, and writes the run's outputs.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -63,6 +64,7 @@ class Coordinator:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> None:
+        self._check_simulation_concurrency()
         node_ids = self._wait_for_nodes()
         info = self._handshake(node_ids)
         num_blocks = info[0]["num_blocks"]
@@ -80,6 +82,7 @@ class Coordinator:
                 global_step = self._train_phase(t, blocks, global_step)
             if (t + 1) % self.cfg.eval.every_rounds == 0 or t == self.cfg.train.rounds - 1:
                 self._evaluate(t)
+        self._finish_nodes()
         run_dir.log(
             {
                 "type": "coordinator",
@@ -93,11 +96,46 @@ class Coordinator:
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
 
+    def _finish_nodes(self) -> None:
+        """Nodes export their final model if asked, and drop simulation-only state."""
+        request = self._common_request("finish")
+        request.update(
+            {
+                "keep_state": self.cfg.flower.keep_state,
+                "export_models": self.cfg.flower.export_models,
+            }
+        )
+        replies = self._send_to_ranks(request, "query.finish")
+        exported = [replies[r].get("exported", "") for r in range(self.n)]
+        if any(exported):
+            self.run_dir.log({"type": "exported_models", "paths": exported})
+            self.progress.note(f"final models saved by the nodes, e.g. {exported[0]}")
+
     def _phases(self, t: int, num_blocks: int) -> list[list[int]]:
         order = block_order(num_blocks, self.cfg.train.block_order, t, self.cfg.seed)
         return [order] if self.cfg.flower.phase == "round" else [[k] for k in order]
 
     # ------------------------------------------------------------------ nodes
+
+    def _check_simulation_concurrency(self) -> None:
+        """Fail before any work if Flower's simulation engine cannot run all peers at once.
+
+        flwr's simulation engine hands messages to the Ray actors from a
+        `ThreadPoolExecutor()` with Python's default size, min(32, CPUs + 4): no
+        federation setting lifts that, so more peers than that would wait forever.
+        """
+        if type(self.grid).__name__ != "InMemoryGrid":  # deployment: every node is a process
+            return
+        limit = min(32, (os.cpu_count() or 1) + 4)
+        if self.n > limit:
+            raise CoordinatorError(
+                f"num_clients={self.n}, but Flower's simulation engine runs at most {limit} "
+                f"messages at once on this {os.cpu_count()}-CPU host (CPUs + 4), and all DECA "
+                f"peers must run at the same time. Use --run-config 'num-clients={limit}' "
+                f'with --federation-config "num-supernodes={limit} client-resources-num-cpus=1 '
+                f'init-args-num-cpus={limit}", a host with at least {self.n - 4} CPUs, the '
+                "in-process engine (deca-flower engine), or a deployment (docs/deployment.md)."
+            )
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.cfg.flower.min_nodes_wait_s

@@ -24,6 +24,7 @@ from deca_flower.data import (
     client_splits,
     encode_dataset,
     load_task_dataset,
+    split_train_test,
 )
 from deca_flower.models import load_model
 from deca_flower.topology import build_graph, mixing_matrix, validate_mixing_matrix
@@ -37,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class RunData:
     task: TaskSpec
-    clients: list[ClientData]
+    clients: list[ClientData] | dict[int, ClientData]  # by rank; a site holds only its own
 
     def eval_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
         """The first `max_examples` rows of a client's local test split."""
@@ -100,6 +101,16 @@ def prepare_data(cfg: DictConfig) -> RunData:
         min_partition_size=data.min_partition_size,
     )
     return RunData(task, clients)
+
+
+def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
+    """A deployed site's own data file: all of it is this node's shard (no Dirichlet split)."""
+    data = cfg.data
+    task, local = load_task_dataset(
+        data.name, path, text_column=data.text_column, label_column=data.label_column
+    )
+    train, test = split_train_test(local, data.test_fraction, seed=[cfg.seed, rank])
+    return RunData(task, {rank: ClientData(train, test)})
 
 
 def make_stream(

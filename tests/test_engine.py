@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import torch
 
+from deca_flower.config import load_config
 from deca_flower.engine import Engine, mix_blocks
 from deca_flower.reporting import read_metrics
 from deca_flower.topology import neighbours
@@ -115,42 +115,40 @@ def test_frozen_parts_are_shared_and_layers_are_not(make_config):
     assert layer_a is not layer_b and layer_a.data_ptr() != layer_b.data_ptr()
 
 
-def _write_easy_task(path, n=320, seed=0):
-    """Sentiment decided by one word: learnable by a tiny model in a few hundred steps."""
-    rng = np.random.default_rng(seed)
-    fillers = ["the film", "this movie", "a story", "the plot", "its cast"]
-    rows = []
-    for _ in range(n):
-        label = int(rng.integers(2))
-        word = "great" if label else "awful"
-        rows.append({"text": f"{rng.choice(fillers)} was {word}", "label": label})
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-def test_deca_learns_a_non_iid_task(make_config, tmp_path):
-    data = tmp_path / "easy.jsonl"
-    _write_easy_task(data)
-    cfg = make_config(
-        **{
-            "data.path": str(data),
-            "data.alpha": 0.5,
-            "data.max_examples": None,
-            "train.rounds": 3,
-            "train.steps_per_block": 15,
-            "data.batch_size": 8,
-            "algorithm.lr": 3e-3,
+def test_deca_learns_the_embedded_non_iid_task(tmp_path):
+    """DECA (with BMA) on the real pretrained SmolLM2-135M, rotten-tomatoes, alpha 0.3."""
+    cfg = load_config(
+        overrides={
+            "num_clients": 4,
+            "output_dir": str(tmp_path),
+            "data.alpha": 0.3,
+            "data.max_examples": 800,
+            "train.rounds": 1,
             "eval.max_examples_per_client": 16,
-            "eval.zero_shot": True,
+            "eval.zero_shot": False,
+            "eval.average_model": False,
         }
     )
+    assert cfg.algorithm.bma and cfg.model.name.startswith("embedded:")
     result = Engine(cfg).run()
-    steps = [r for r in result.records if r["type"] == "step"]
-    first = np.mean([np.mean(r["loss"]) for r in steps[:5]])
-    last = np.mean([np.mean(r["loss"]) for r in steps[-5:]])
-    assert last < 0.5 * first
+    steps = [np.mean(r["loss"]) for r in result.records if r["type"] == "step"]
+    assert np.mean(steps[-4:]) < 0.5 * np.mean(steps[:4])
     final = result.evals()[-1]
-    assert final["client_mean"]["accuracy"] > 0.75  # chance is 0.5 on two labels
-    assert final["average"]["accuracy"] > 0.75
-    assert read_metrics(result.out_dir / "metrics.jsonl")[-1]["type"] == "eval"
+    labels = [y for ys in final["labels"] for y in ys]
+    majority = max(labels.count(0), labels.count(1)) / len(labels)
+    assert final["global"]["accuracy"] > max(0.6, majority)  # chance is 0.5 on two labels
+
+
+def test_bf16_model_and_wire(make_config):
+    cfg = make_config(
+        **{"model.dtype": "bfloat16", "algorithm.wire_dtype": "model", "eval.average_model": False}
+    )
+    engine = Engine(cfg)
+    assert all(p.dtype == torch.bfloat16 for p in engine.peers[0].model.parameters())
+    engine._run_block(0, 0, 0)
+    phase = read_metrics(engine.run_dir.metrics_path)[-1]
+    numel = engine.peers[0].partition.numel(0)
+    for i, sent in enumerate(phase["bytes_sent"]):
+        assert sent == numel * 2 * len(neighbours(engine.graph, i)) * cfg.train.steps_per_block
+    step = read_metrics(engine.run_dir.metrics_path)[0]
+    assert all(np.isfinite(step["loss"]))

@@ -31,6 +31,8 @@ SETTINGS = {  # shared by the Flower run and the engine run it is compared with
     "eval.max_examples_per_client": 4,
     "topology.name": "er",
     "topology.p": 0.6,
+    "flower.keep_state": "true",
+    "flower.export_models": "true",
 }
 
 # `flwr` and the local SuperLink it starts must come from this environment.
@@ -108,6 +110,16 @@ def test_flower_run_writes_outputs_and_learns(flower_run):
     evals = [r for r in records if r["type"] == "eval"]
     assert [e["round"] for e in evals] == [-1, 0]  # zero-shot, then after round 1
     assert "phase 4/4" in proc.stdout + proc.stderr  # progress lines reach the console
+
+
+def test_nodes_export_their_final_models(flower_run):
+    from transformers import AutoModelForCausalLM
+
+    _, _, records, _ = flower_run
+    paths = next(r for r in records if r["type"] == "exported_models")["paths"]
+    assert len(paths) == NUM_NODES
+    model = AutoModelForCausalLM.from_pretrained(paths[1])
+    assert model.config.num_hidden_layers == 4
 
 
 def test_coordinator_never_receives_parameters(flower_run):
