@@ -19,6 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deca_flower.blocks import BLOCK_ORDERS
+from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
+from deca_flower.topology import MIXING_RULES, TOPOLOGIES
+
 PRESET_GROUPS = ("model", "data", "topology", "algorithm")
 DEFAULT_PRESETS = {
     "model": "smollm2-135m",
@@ -133,20 +137,11 @@ class DecaConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "topology.name": (
-        "ring",
-        "er",
-        "complete",
-        "bipartite",
-        "random_bipartite",
-        "torus",
-        "star",
-        "file",
-    ),
-    "topology.mixing": ("metropolis", "uniform"),
-    "train.block_order": ("ascending", "descending", "random"),
-    "algorithm.discrepancy_ref": ("pre", "half"),
-    "algorithm.discrepancy_scale": ("lr", "l2", "precond"),
+    "topology.name": TOPOLOGIES,
+    "topology.mixing": MIXING_RULES,
+    "train.block_order": BLOCK_ORDERS,
+    "algorithm.discrepancy_ref": DISCREPANCY_REFS,
+    "algorithm.discrepancy_scale": DISCREPANCY_SCALES,
     "algorithm.wire_dtype": ("float32", "model"),
     "gossip.backend": ("auto", "gloo", "nccl"),
     "flower.phase": ("block", "round"),

@@ -8,7 +8,6 @@ gradient checkpointing (both torch checkpoint variants).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,16 +25,6 @@ from deca_flower.models import load_model
 
 ARCHS = ("tiny-llama", "tiny-qwen2")
 CKPT_MODES = ("none", "non_reentrant", "reentrant")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny tensors: with 2 cores shared by parallel jobs, intra-op threads only
-    # oversubscribe (measured 4x slower under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(name: str = "tiny-llama", num_layers: int = 5) -> nn.Module:
