@@ -182,3 +182,11 @@ def test_too_few_concurrent_actors_names_the_federation_config(tmp_path):
     # 3 peers but Ray has CPUs for 2 actors: peers 0-1 wait at the barrier for peer 2.
     proc = flwr_run(tmp_path, {"num_clients": 3, "flower.barrier_timeout_s": 15}, nodes=3, cpus=2)
     _fails_with(proc, "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3", tmp_path)
+
+
+def test_more_peers_than_the_simulation_engine_runs_at_once_fails_fast(tmp_path):
+    # flwr's simulation engine hands out at most min(32, CPUs + 4) messages at a time.
+    limit = min(32, (os.cpu_count() or 1) + 4)
+    proc = flwr_run(tmp_path, {}, nodes=limit + 1)
+    _fails_with(proc, f"runs at most {limit} messages at once", tmp_path)
+    assert f"num-clients={limit}" in proc.stdout + proc.stderr
