@@ -78,6 +78,7 @@ class Node:
         partition = make_partition(cfg, model)
         stream = make_stream(cfg, rank, self.run_data, self.tokenizer)
         self.peer = Peer(rank, model, partition, stream, cfg)
+        self.broken = False
         self.last_phase = -1
         self.refresh()
 
@@ -94,7 +95,19 @@ class Node:
     # ------------------------------------------------------------------ training
 
     def run_phase(self, plan: PhasePlan) -> dict[str, Any]:
-        """S inner steps per block of the plan, gossiping every step; commit each block."""
+        """S inner steps per block of the plan, gossiping every step; commit each block.
+
+        If anything fails mid-phase, the half-trained block in memory is discarded
+        (the node is rebuilt from its store next time): the store keeps the last
+        committed phase, so no training state is lost or corrupted.
+        """
+        try:
+            return self._run_phase(plan)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _run_phase(self, plan: PhasePlan) -> dict[str, Any]:
         peer = self.peer
         stats = {
             "loss": [],
@@ -236,7 +249,7 @@ def get_node(
     """
     key = (run_key, rank)
     node = _NODES.get(key)
-    if node is None:
+    if node is None or node.broken:
         _NODES.clear()
         node = Node(cfg, rank, state_dir, data_path)
         _NODES[key] = node

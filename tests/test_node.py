@@ -61,3 +61,32 @@ def test_restarted_node_resumes_from_its_last_phase(make_config, tmp_path):
     mine = dict(resumed.peer.model.named_parameters())
     for name, param in uninterrupted.peer.model.named_parameters():
         assert torch.equal(mine[name], param), name
+
+
+def test_failed_phase_leaves_committed_state_and_is_not_reused(make_config, tmp_path):
+    from deca_flower.node import get_node
+
+    cfg = make_config(num_clients=2)
+    _store, port = host_store("127.0.0.1", 0)
+    node = get_node(cfg, 0, tmp_path / "n", "run-x")
+    node.run_phase(_plan(0, 0, port))
+    committed = {n: p.detach().clone() for n, p in node.peer.partition.named_parameters(1)}
+    bad = _plan(1, 1, port)
+    bad.steps = 3
+    original = node.peer.local_step
+    calls = []
+
+    def dies_on_third_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("neighbour died")
+        return original()
+
+    node.peer.local_step = dies_on_third_step
+    with pytest.raises(RuntimeError, match="neighbour died"):
+        node.run_phase(bad)
+    assert NodeStateStore(tmp_path / "n").latest()["phase"] == 0
+    fresh = get_node(cfg, 0, tmp_path / "n", "run-x")
+    assert fresh is not node  # the half-trained block in memory is discarded
+    for name, param in fresh.peer.partition.named_parameters(1):
+        assert torch.equal(param, committed[name])
