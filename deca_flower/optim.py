@@ -23,7 +23,7 @@ from torch import nn
 
 DISCREPANCY_REFS = ("pre", "half")
 DISCREPANCY_SCALES = ("lr", "l2", "precond")
-# Chosen by measurement on SmolLM2-135M / rotten-tomatoes: see docs/discrepancy.md.
+# Chosen by measurement on SmolLM2-135M / rotten-tomatoes: see docs/algorithm-notes.md.
 DEFAULT_DISCREPANCY_SCALE = "precond"
 
 
