@@ -22,9 +22,17 @@ from omegaconf import DictConfig
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
 from deca_flower.data import plot_label_distribution
-from deca_flower.evaluation import classification_metrics, predict_labels
+from deca_flower.evaluation import eval_record, pooled_metrics, predict_labels
 from deca_flower.peer import Peer
-from deca_flower.reporting import Progress, RunDir, plot_run, read_metrics, summary_markdown
+from deca_flower.reporting import (
+    Progress,
+    RunDir,
+    format_eval,
+    peak_memory_bytes,
+    plot_run,
+    read_metrics,
+    summary_markdown,
+)
 from deca_flower.task import (
     RunData,
     build_topology,
@@ -191,7 +199,7 @@ class Engine:
                 "bytes_received": sent,
                 **timing,
                 "communication_s": [comm_s / len(self.peers)] * len(self.peers),
-                "peak_memory_bytes": [_peak_memory(self.device)] * len(self.peers),
+                "peak_memory_bytes": [peak_memory_bytes(self.device)] * len(self.peers),
             }
         )
 
@@ -267,32 +275,6 @@ class Engine:
 # ---------------------------------------------------------------------- shared helpers
 
 
-def eval_record(
-    round_idx: int, labels: list[list[int]], preds: list[list[int]], num_labels: int
-) -> dict[str, Any]:
-    """Per-client metrics on local test sets, their mean, and pooled metrics."""
-    per_client = [classification_metrics(y, p, num_labels) for y, p in zip(labels, preds)]
-    mean = {
-        key: sum(m[key] for m in per_client) / len(per_client)
-        for key in ("accuracy", "f1_weighted")
-    }
-    return {
-        "type": "eval",
-        "round": round_idx,
-        "clients": per_client,
-        "client_mean": mean,
-        "global": pooled_metrics(labels, preds, num_labels),
-        "predictions": preds,
-        "labels": labels,
-    }
-
-
-def pooled_metrics(labels: list[list[int]], preds: list[list[int]], num_labels: int) -> dict:
-    flat_y = [y for ys in labels for y in ys]
-    flat_p = [p for ps in preds for p in ps]
-    return classification_metrics(flat_y, flat_p, num_labels)
-
-
 def consensus_distance(peers: Sequence[Peer]) -> float:
     """sqrt(mean_i ||theta_i - mean(theta)||^2) over all decoder-layer parameters."""
     total = 0.0
@@ -302,27 +284,6 @@ def consensus_distance(peers: Sequence[Peer]) -> float:
             stacked = torch.stack([params[j].detach().float() for params in per_peer])
             total += float(((stacked - stacked.mean(0)) ** 2).sum())
     return (total / len(peers)) ** 0.5
-
-
-def format_eval(record: dict[str, Any]) -> str:
-    tag = "zero-shot" if record["round"] == -1 else f"after round {record['round'] + 1}"
-    text = (
-        f"eval {tag}: mean client accuracy {record['client_mean']['accuracy']:.3f}, "
-        f"F1 {record['client_mean']['f1_weighted']:.3f}"
-    )
-    if record.get("average"):
-        text += f"; parameter average accuracy {record['average']['accuracy']:.3f}"
-    if "consensus_distance" in record:
-        text += f"; consensus distance {record['consensus_distance']:.3e}"
-    return text
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def run_engine(cfg: DictConfig, out_dir: str | Path | None = None) -> EngineResult:

@@ -8,6 +8,7 @@ A prediction is the verbalizer that the greedy continuation starts with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -107,3 +108,29 @@ def evaluate_classification(
     metrics = classification_metrics(list(labels), predictions, len(task.verbalizers))
     metrics["num_examples"] = len(labels)
     return metrics
+
+
+def eval_record(
+    round_idx: int, labels: list[list[int]], preds: list[list[int]], num_labels: int
+) -> dict[str, Any]:
+    """Per-client metrics on local test sets, their mean, and pooled metrics."""
+    per_client = [classification_metrics(y, p, num_labels) for y, p in zip(labels, preds)]
+    mean = {
+        key: sum(m[key] for m in per_client) / len(per_client)
+        for key in ("accuracy", "f1_weighted")
+    }
+    return {
+        "type": "eval",
+        "round": round_idx,
+        "clients": per_client,
+        "client_mean": mean,
+        "global": pooled_metrics(labels, preds, num_labels),
+        "predictions": preds,
+        "labels": labels,
+    }
+
+
+def pooled_metrics(labels: list[list[int]], preds: list[list[int]], num_labels: int) -> dict:
+    flat_y = [y for ys in labels for y in ys]
+    flat_p = [p for ps in preds for p in ps]
+    return classification_metrics(flat_y, flat_p, num_labels)

@@ -20,10 +20,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from deca_flower.config import to_yaml
-from deca_flower.engine import _peak_memory
 from deca_flower.evaluation import predict_labels
 from deca_flower.gossip import GossipGroup
 from deca_flower.peer import Peer
+from deca_flower.reporting import peak_memory_bytes
 from deca_flower.state_store import NodeStateStore
 from deca_flower.task import (
     RunData,
@@ -136,7 +136,7 @@ class Node:
             stats["bytes_sent"] = group.stats.bytes_sent
             stats["bytes_received"] = group.stats.bytes_received
         self.last_phase = plan.phase
-        stats["peak_memory_bytes"] = _peak_memory(self.device)
+        stats["peak_memory_bytes"] = peak_memory_bytes(self.device)
         return stats
 
     def _inner_step(self, group: GossipGroup, k: int, stats: dict[str, Any]) -> None:

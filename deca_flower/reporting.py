@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 INCOMPLETE = ".incomplete"
 
@@ -163,6 +166,26 @@ def plot_label_counts(counts: list[list[int]], path: str | Path) -> Path:
     ax.set(xlabel="client", ylabel="training examples", title="Label distribution per client")
     ax.legend()
     return _save(fig, Path(path))
+
+
+def format_eval(record: dict[str, Any]) -> str:
+    tag = "zero-shot" if record["round"] == -1 else f"after round {record['round'] + 1}"
+    text = (
+        f"eval {tag}: mean client accuracy {record['client_mean']['accuracy']:.3f}, "
+        f"F1 {record['client_mean']['f1_weighted']:.3f}"
+    )
+    if record.get("average"):
+        text += f"; parameter average accuracy {record['average']['accuracy']:.3f}"
+    if "consensus_distance" in record:
+        text += f"; consensus distance {record['consensus_distance']:.3e}"
+    return text
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated GPU memory, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _save(fig, path: Path) -> Path:

@@ -19,12 +19,13 @@ from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
-from deca_flower.engine import eval_record, format_eval, pooled_metrics
+from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.gossip import host_store
 from deca_flower.reporting import (
     Progress,
     RunDir,
+    format_eval,
     plot_label_counts,
     plot_run,
     read_metrics,
