@@ -8,6 +8,7 @@ memory so that Ray actors serving the same node again reload nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import time
@@ -212,6 +213,8 @@ class Node:
 
     def delete_state(self) -> None:
         shutil.rmtree(self.store.root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last node of the run removes the run dir
+            self.store.root.parent.rmdir()
         _NODES.clear()
 
     def label_counts(self) -> list[int]:
