@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,7 @@ def _barrier(request: ConfigRecord, rank: int) -> None:
     host, port = str(request["store_host"]), int(request["store_port"])
     world, timeout = int(request["world_size"]), float(request["barrier_timeout_s"])
     store = TCPStore(
-        host, port, is_master=False, wait_for_workers=False, timeout=_timedelta(timeout)
+        host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
     )
     key = f"{request['group_name']}/arrived"
     failed = f"{request['group_name']}/gave-up"
@@ -181,9 +182,3 @@ def _barrier(request: ConfigRecord, rank: int) -> None:
             f"rank {rank} arrived after other peers gave up: not all {world} DECA peers were "
             "running at the same time"
         )
-
-
-def _timedelta(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)

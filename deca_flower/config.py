@@ -227,12 +227,6 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def from_yaml(text: str) -> DictConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(DecaConfig), OmegaConf.create(text))
-    validate(cfg)
-    return cfg
-
-
 # ---------------------------------------------------------------------- internals
 
 

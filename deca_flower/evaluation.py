@@ -92,24 +92,6 @@ def classification_metrics(
     }
 
 
-def evaluate_classification(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    task: TaskSpec,
-    texts: Sequence[str],
-    labels: Sequence[int],
-    *,
-    batch_size: int = 16,
-    max_length: int = 128,
-) -> dict[str, float]:
-    predictions = predict_labels(
-        model, tokenizer, task, texts, batch_size=batch_size, max_length=max_length
-    )
-    metrics = classification_metrics(list(labels), predictions, len(task.verbalizers))
-    metrics["num_examples"] = len(labels)
-    return metrics
-
-
 def eval_record(
     round_idx: int, labels: list[list[int]], preds: list[list[int]], num_labels: int
 ) -> dict[str, Any]:

@@ -104,9 +104,3 @@ class Peer:
         if self.opt is None:
             raise RuntimeError("no active block: call begin_block(k) first")
         return self.opt
-
-
-def trainable_vector(partition: BlockPartition) -> torch.Tensor:
-    """All decoder-layer parameters of one model, flat fp32 (for consensus distance)."""
-    params = [p for k in range(partition.num_blocks) for p in partition.parameters(k)]
-    return torch.cat([p.detach().reshape(-1).float() for p in params])

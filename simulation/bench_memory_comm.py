@@ -58,11 +58,16 @@ def main(argv: list[str]) -> None:
     rows = [
         ("optimizer state (MiB)", deca_state, full_state),
         ("gradients (MiB)", deca_grad, full_grad),
-        ("sent per neighbour per step (MiB)", partition.numel(k) * wire,
-         sum(p.numel() for p in all_layers) * wire),
+        (
+            "sent per neighbour per step (MiB)",
+            partition.numel(k) * wire,
+            sum(p.numel() for p in all_layers) * wire,
+        ),
     ]
-    print(f"model {cfg.model.name}: {partition.num_blocks} blocks of "
-          f"{cfg.train.layers_per_block} layer(s); block {k} has {partition.numel(k):,} params")
+    print(
+        f"model {cfg.model.name}: {partition.num_blocks} blocks of "
+        f"{cfg.train.layers_per_block} layer(s); block {k} has {partition.numel(k):,} params"
+    )
     print("| quantity | DECA (one block) | full-parameter D-Adam | ratio |")
     print("|---|---|---|---|")
     for name, deca, full in rows:
