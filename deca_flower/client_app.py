@@ -66,6 +66,7 @@ def _handshake(msg: Message, context: Context) -> dict[str, Any]:
         "hostname": os.uname().nodename,
         "device": str(node.device),
         "num_blocks": node.peer.partition.num_blocks,
+        "steps_per_phase": node.steps_per_phase,
         "label_counts": node.label_counts(),
         "last_phase": node.last_phase,
     }

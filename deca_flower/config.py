@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from deca_flower.blocks import BLOCK_ORDERS
+from deca_flower.methods import METHODS
 from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
 from deca_flower.topology import MIXING_RULES, TOPOLOGIES
 
@@ -79,7 +80,8 @@ class TrainConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "deca"
+    name: str = "deca"  # a label for tables and run names
+    method: str = "deca"  # deca | dec-lora | decaf | dec-adapter | full-adam | local | centralized
     lr: float = 1e-5
     beta1: float = 0.9
     beta2: float = 0.999
@@ -90,6 +92,10 @@ class AlgorithmConfig:
     discrepancy_ref: str = "pre"  # pre | half
     discrepancy_scale: str = "precond"  # lr | l2 | precond
     wire_dtype: str = "float32"  # float32 | model (send blocks in the model's dtype)
+    lora_rank: int = 8  # dec-lora / decaf
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    adapter_bottleneck: int = 16  # dec-adapter: hidden -> bottleneck -> hidden
 
 
 @dataclass
@@ -143,6 +149,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.discrepancy_ref": DISCREPANCY_REFS,
     "algorithm.discrepancy_scale": DISCREPANCY_SCALES,
     "algorithm.wire_dtype": ("float32", "model"),
+    "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
     "flower.phase": ("block", "round"),
 }
@@ -159,6 +166,9 @@ POSITIVE = (
     "eval.batch_size",
     "eval.every_rounds",
     "gossip.timeout_s",
+    "algorithm.lora_rank",
+    "algorithm.lora_alpha",
+    "algorithm.adapter_bottleneck",
 )
 
 
@@ -214,6 +224,17 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    method = METHODS[cfg.algorithm.method]
+    if cfg.algorithm.bma and not method.uses_bma:
+        raise ConfigError(
+            f"algorithm.bma=true applies to algorithm.method=deca only; {method.name} is "
+            f"plain Adam: set algorithm.bma=false (the preset algorithm={method.name} does)"
+        )
+    if cfg.model.gradient_checkpointing and method.trains in ("lora", "adapters"):
+        raise ConfigError(
+            f"model.gradient_checkpointing is not supported with algorithm.method={method.name} "
+            "(adapter training keeps little activation memory anyway): set it to false"
+        )
     if cfg.topology.name == "file" and not cfg.topology.path:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
 

@@ -22,7 +22,9 @@ from omegaconf import DictConfig
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
 from deca_flower.data import plot_label_distribution
+from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import eval_record, pooled_metrics, predict_labels
+from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
     Progress,
@@ -39,6 +41,7 @@ from deca_flower.task import (
     clone_sharing_frozen,
     load_base_model,
     make_partition,
+    make_pooled_stream,
     make_stream,
     prepare_data,
     resolve_device,
@@ -79,8 +82,15 @@ class Engine:
         self.device = resolve_device(cfg.model.device)
         self.graph, self.weights = build_topology(cfg)
         self.run_data: RunData = prepare_data(cfg)
+        self.method = get_method(cfg)
         self.peers = self._build_peers()
+        self.steps = steps_per_phase(cfg, self.peers[0].model)
         self.wire = wire_dtype(cfg)
+        if self.method.mixing == "tsvd":
+            first = self.peers[0]
+            self.lora_layout = lora_layout(
+                [(n, p.shape) for n, p in first.partition.named_parameters(0)]
+            )
         self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name)
         self.progress = Progress(self.total_phases)
 
@@ -95,6 +105,9 @@ class Engine:
     def _build_peers(self) -> list[Peer]:
         base, self.tokenizer = load_base_model(self.cfg, self.device)
         base_partition = make_partition(self.cfg, base)
+        if self.method.pooled_data:
+            stream = make_pooled_stream(self.cfg, self.run_data, self.tokenizer)
+            return [Peer(0, base, base_partition, stream, self.cfg)]
         peers = []
         for rank in range(self.cfg.num_clients):
             model = base if rank == 0 else clone_sharing_frozen(base, base_partition)
@@ -129,12 +142,10 @@ class Engine:
         timing = {"forward_s": [0.0] * n, "backward_s": [0.0] * n, "optimizer_s": [0.0] * n}
         comm_s = 0.0
         losses: list[float] = []
-        for r in range(self.cfg.train.steps_per_block):
+        for r in range(self.steps):
             results = [peer.local_step() for peer in peers]
             t0 = time.perf_counter()
-            mixed = mix_blocks(self.weights, torch.stack([p.block for p in peers]), self.wire)
-            for peer, row in zip(peers, mixed):
-                peer.block.copy_(row)
+            self._mix()
             comm_s += time.perf_counter() - t0
             for i, (peer, res) in enumerate(zip(peers, results)):
                 timing["optimizer_s"][i] += res.optimizer_s + peer.consensus_update()
@@ -159,6 +170,27 @@ class Engine:
         self.progress.phase_done(f"round {t + 1} block {k}", sum(losses) / len(losses))
         return global_step
 
+    def _mix(self) -> None:
+        """Eq (7) (or the method's replacement for it), in place on every peer's block."""
+        peers = self.peers
+        if self.method.mixing == "none":
+            return
+        if self.method.mixing == "average":
+            mixed = mix_blocks(self.weights, torch.stack([p.block for p in peers]), self.wire)
+        else:
+            mixed = [self._decaf_row(i) for i in range(len(peers))]
+        for peer, row in zip(peers, mixed):
+            peer.block.copy_(row)
+
+    def _decaf_row(self, i: int) -> torch.Tensor:
+        row = self.weights[i]
+        ranks = [j for j in range(len(self.peers)) if row[j] > 0]
+        blocks = {
+            j: self.peers[j].block if j == i else self.peers[j].block.to(self.wire).float()
+            for j in ranks
+        }
+        return decaf_mix(blocks, {j: float(row[j]) for j in ranks}, self.lora_layout)
+
     # ------------------------------------------------------------------ logging
 
     def _log_setup(self) -> None:
@@ -178,16 +210,19 @@ class Engine:
             label_names=list(self.run_data.task.verbalizers),
         )
         self.progress.note(
-            f"{self.cfg.num_clients} clients on a {info['name']} graph (spectral gap "
-            f"{info['spectral_gap']:.3f}), {self.num_blocks} blocks x "
-            f"{self.cfg.train.steps_per_block} steps x {self.cfg.train.rounds} rounds, "
+            f"{self.method.description}; {self.cfg.num_clients} clients on a {info['name']} "
+            f"graph (spectral gap {info['spectral_gap']:.3f}), {self.num_blocks} blocks x "
+            f"{self.steps} steps x {self.cfg.train.rounds} rounds, "
             f"device {self.device}; writing {self.run_dir.path}"
         )
 
     def _log_phase(self, t: int, k: int, numel: int, timing: dict, comm_s: float) -> None:
-        steps = self.cfg.train.steps_per_block
+        steps = self.steps
         element = torch.empty((), dtype=self.wire).element_size()
-        degrees = [len(neighbours(self.graph, i)) for i in range(len(self.peers))]
+        degrees = [
+            len(neighbours(self.graph, i)) if self.method.communicates else 0
+            for i in range(len(self.peers))
+        ]
         sent = [numel * element * d * steps for d in degrees]
         self.run_dir.log(
             {
@@ -200,6 +235,7 @@ class Engine:
                 **timing,
                 "communication_s": [comm_s / len(self.peers)] * len(self.peers),
                 "peak_memory_bytes": [peak_memory_bytes(self.device)] * len(self.peers),
+                "train_state_bytes": [p.train_state_bytes for p in self.peers],
             }
         )
 
@@ -211,7 +247,7 @@ class Engine:
             self.run_data.eval_slice(i, cfg.eval.max_examples_per_client)
             for i in range(len(self.peers))
         ]
-        if round_idx == -1:  # all clients still hold the same pretrained model
+        if round_idx == -1 or len(self.peers) == 1:  # one model for all clients' test sets
             preds = [self._predict(self.peers[0].model, texts) for texts, _ in slices]
         else:
             preds = [self._predict(p.model, texts) for p, (texts, _) in zip(self.peers, slices)]
@@ -220,7 +256,7 @@ class Engine:
         )
         if round_idx >= 0:
             record["consensus_distance"] = consensus_distance(self.peers)
-            if cfg.eval.average_model:
+            if cfg.eval.average_model and len(self.peers) > 1:
                 avg_model = self._average_model()
                 avg_preds = [self._predict(avg_model, texts) for texts, _ in slices]
                 record["average"] = pooled_metrics(

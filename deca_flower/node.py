@@ -21,8 +21,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from deca_flower.config import to_yaml
+from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import predict_labels
 from deca_flower.gossip import GossipGroup
+from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
 from deca_flower.reporting import peak_memory_bytes
 from deca_flower.state_store import NodeStateStore
@@ -79,6 +81,13 @@ class Node:
         partition = make_partition(cfg, model)
         stream = make_stream(cfg, rank, self.run_data, self.tokenizer)
         self.peer = Peer(rank, model, partition, stream, cfg)
+        self.method = get_method(cfg)
+        self.steps_per_phase = steps_per_phase(cfg, model)
+        self.lora_layout = (
+            lora_layout([(n, p.shape) for n, p in partition.named_parameters(0)])
+            if self.method.mixing == "tsvd"
+            else None
+        )
         self.broken = False
         self.last_phase = -1
         self.refresh()
@@ -138,18 +147,31 @@ class Node:
             stats["bytes_received"] = group.stats.bytes_received
         self.last_phase = plan.phase
         stats["peak_memory_bytes"] = peak_memory_bytes(self.device)
+        stats["train_state_bytes"] = peer.train_state_bytes
         return stats
 
     def _inner_step(self, group: GossipGroup, k: int, stats: dict[str, Any]) -> None:
         result = self.peer.local_step()
         t0 = time.perf_counter()
-        mixed = group.mix(self.peer.block, block_id=k)
-        self.peer.block.copy_(mixed)
+        self._mix(group, k)
         stats["communication_s"] += time.perf_counter() - t0
         stats["optimizer_s"] += result.optimizer_s + self.peer.consensus_update()
         stats["forward_s"] += result.forward_s
         stats["backward_s"] += result.backward_s
         stats["loss"].append(result.loss)
+
+    def _mix(self, group: GossipGroup, k: int) -> None:
+        """Eq (7) over the gossip group, or the method's replacement for it."""
+        block = self.peer.block
+        if self.method.mixing == "none":
+            return
+        if self.method.mixing == "average":
+            block.copy_(group.mix(block, block_id=k))
+            return
+        received = group.exchange(block, block_id=k)
+        blocks = {**received, self.rank: block}
+        weights = {**group.weights, self.rank: group.self_weight}
+        block.copy_(decaf_mix(blocks, weights, self.lora_layout))
 
     def _group(self, plan: PhasePlan) -> GossipGroup:
         return GossipGroup(

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
+from deca_flower.adapters import AdapterPartition
 from deca_flower.blocks import BlockPartition
 from deca_flower.config import bma_weights
 from deca_flower.data import BatchStream
@@ -40,7 +41,7 @@ class Peer:
         self,
         rank: int,
         model: PreTrainedModel,
-        partition: BlockPartition,
+        partition: BlockPartition | AdapterPartition,
         stream: BatchStream,
         cfg: DictConfig,
     ) -> None:
@@ -52,6 +53,9 @@ class Peer:
         self.device = next(model.parameters()).device
         self.opt: BMAAdam | None = None
         self.active_block: int | None = None
+        # Largest optimizer state + gradients held at once: the memory a method's training
+        # needs beyond the model itself, measured on the live tensors (comparable on CPU).
+        self.train_state_bytes = 0
         partition.freeze_all()
 
     @property
@@ -83,6 +87,7 @@ class Peer:
         loss.backward()
         t2 = time.perf_counter()
         opt.local_step()
+        self.train_state_bytes = max(self.train_state_bytes, _live_bytes(opt))
         opt.zero_grad()
         t3 = time.perf_counter()
         return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2)
@@ -104,3 +109,8 @@ class Peer:
         if self.opt is None:
             raise RuntimeError("no active block: call begin_block(k) first")
         return self.opt
+
+
+def _live_bytes(opt: BMAAdam) -> int:
+    tensors = [*opt.state_tensors().values(), *(p.grad for p in opt.params if p.grad is not None)]
+    return sum(t.numel() * t.element_size() for t in tensors)

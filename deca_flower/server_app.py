@@ -22,6 +22,7 @@ from deca_flower.config import to_yaml
 from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.gossip import host_store
+from deca_flower.methods import METHODS
 from deca_flower.reporting import (
     Progress,
     RunDir,
@@ -65,10 +66,17 @@ class Coordinator:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> None:
+        if METHODS[self.cfg.algorithm.method].pooled_data:
+            raise CoordinatorError(
+                "algorithm.method=centralized trains one model on pooled data, the reference "
+                "no decentralized deployment can run; use the in-process engine: "
+                "`deca-flower engine algorithm=centralized`"
+            )
         self._check_simulation_concurrency()
         node_ids = self._wait_for_nodes()
         info = self._handshake(node_ids)
         num_blocks = info[0]["num_blocks"]
+        self.steps = int(info[0]["steps_per_phase"])
         run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name)
         self.run_dir = run_dir
         run_dir.write_text("config.yaml", to_yaml(self.cfg))
@@ -180,17 +188,17 @@ class Coordinator:
 
     def _train_phase(self, t: int, blocks: list[int], global_step: int) -> int:
         request = self._common_request(f"phase{self.phase}")
-        request.update({"round": t, "blocks": blocks, "steps": self.cfg.train.steps_per_block})
+        request.update({"round": t, "blocks": blocks, "steps": self.steps})
         replies = self._send_to_ranks(request, "train.deca")
         losses = [replies[r]["loss"] for r in range(self.n)]
         for s in range(len(losses[0])):
-            k = blocks[s // self.cfg.train.steps_per_block]
+            k = blocks[s // self.steps]
             self.run_dir.log(
                 {
                     "type": "step",
                     "round": t,
                     "block": k,
-                    "step": s % self.cfg.train.steps_per_block,
+                    "step": s % self.steps,
                     "global_step": global_step + s,
                     "loss": [losses[r][s] for r in range(self.n)],
                 }
@@ -212,6 +220,7 @@ class Coordinator:
             "optimizer_s",
             "communication_s",
             "peak_memory_bytes",
+            "train_state_bytes",
         )
         record = {
             "type": "phase",

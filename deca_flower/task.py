@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from deca_flower.adapters import AdapterPartition
 from deca_flower.blocks import BlockPartition
 from deca_flower.data import (
     BatchStream,
@@ -26,6 +27,8 @@ from deca_flower.data import (
     load_task_dataset,
     split_train_test,
 )
+from deca_flower.methods import make_partition as method_partition
+from deca_flower.methods import prepare_model
 from deca_flower.models import load_model
 from deca_flower.topology import build_graph, mixing_matrix, validate_mixing_matrix
 
@@ -74,7 +77,7 @@ def load_base_model(
         num_layers=cfg.model.num_layers,
         seed=cfg.seed,
     )
-    return model, tokenizer
+    return prepare_model(cfg, model), tokenizer
 
 
 def build_topology(cfg: DictConfig) -> tuple[nx.Graph, torch.Tensor]:
@@ -127,11 +130,26 @@ def make_stream(
     )
 
 
-def make_partition(cfg: DictConfig, model: PreTrainedModel) -> BlockPartition:
-    partition = BlockPartition(model, cfg.train.layers_per_block, cfg.model.layers_attr)
-    if cfg.model.gradient_checkpointing:
-        partition.enable_gradient_checkpointing()
-    return partition
+def make_pooled_stream(
+    cfg: DictConfig, run_data: RunData, tokenizer: PreTrainedTokenizerBase
+) -> BatchStream:
+    """The centralized reference: all clients' training data, n x the batch per step.
+
+    One step then sees as many examples as one step of the whole network.
+    """
+    pooled = datasets.concatenate_datasets([c.train for c in run_data.clients])
+    encoded = encode_dataset(pooled, tokenizer, run_data.task, cfg.data.max_length)
+    return BatchStream(
+        encoded,
+        cfg.data.batch_size * cfg.num_clients,
+        seed=cfg.seed * 100_003,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_partition(cfg: DictConfig, model: PreTrainedModel) -> BlockPartition | AdapterPartition:
+    """The sets of parameters the run's method trains, one after the other."""
+    return method_partition(cfg, model)
 
 
 def clone_sharing_frozen(model: PreTrainedModel, partition: BlockPartition) -> PreTrainedModel:
