@@ -245,7 +245,7 @@ class Engine:
         cfg = self.cfg
         slices = [
             self.run_data.eval_slice(i, cfg.eval.max_examples_per_client)
-            for i in range(len(self.peers))
+            for i in range(cfg.num_clients)
         ]
         if round_idx == -1 or len(self.peers) == 1:  # one model for all clients' test sets
             preds = [self._predict(self.peers[0].model, texts) for texts, _ in slices]

@@ -46,11 +46,15 @@ def flwr_run(
     nodes: int = NUM_NODES,
     cpus: int | None = None,
     model: str = "tiny",
+    algorithm: str = "deca",
     timeout: int = 600,
 ) -> subprocess.CompletedProcess:
     overrides = {"num_clients": nodes, **overrides}
     dotted = " ".join(f"{k}={v}" for k, v in overrides.items())
-    run_config = f'preset-model="{model}" output-dir="{out_dir}" overrides="{dotted}"'
+    run_config = (
+        f'preset-model="{model}" preset-algorithm="{algorithm}" output-dir="{out_dir}" '
+        f'overrides="{dotted}"'
+    )
     federation = (
         f"num-supernodes={nodes} client-resources-num-cpus=1 init-args-num-cpus={cpus or nodes}"
     )
@@ -157,6 +161,43 @@ def test_flower_run_equals_in_process_engine(flower_run, tmp_path):
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["decaf", "local"])
+def test_baseline_through_flower_equals_the_engine(algorithm, tmp_path):
+    # decaf exchanges factors and re-factorizes each product; local sends nothing.
+    settings = {k: v for k, v in SETTINGS.items() if k != "flower.export_models"}
+    settings["eval.zero_shot"] = "false"
+    out_dir = tmp_path / "flower"
+    proc = flwr_run(out_dir, {k: v for k, v in settings.items() if k != "num_clients"},
+                    algorithm=algorithm)  # fmt: skip
+    runs = finished_runs(out_dir)
+    assert len(runs) == 1, f"no result:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    cfg = load_config(
+        {"model": "tiny", "algorithm": algorithm}, {**settings, "output_dir": str(tmp_path)}
+    )
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    result = engine.run()
+    engine_steps = [r["loss"] for r in result.records if r["type"] == "step"]
+    flower_steps = [r["loss"] for r in records if r["type"] == "step"]
+    np.testing.assert_allclose(flower_steps, engine_steps, rtol=1e-4, atol=1e-5)
+    phases = [r for r in records if r["type"] == "phase"]
+    if algorithm == "local":
+        assert all(sum(p["bytes_sent"]) == 0 for p in phases)
+    run_id = next(r for r in records if r["type"] == "data")["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = out_dir / "state" / f"run-{run_id}" / f"node-{rank}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_centralized_is_refused_by_the_flower_app(tmp_path):
+    proc = flwr_run(tmp_path, {"num_clients": 2}, nodes=2, algorithm="centralized")
+    _fails_with(proc, "deca-flower engine algorithm=centralized", tmp_path)
 
 
 def _fails_with(proc: subprocess.CompletedProcess, text: str, out_dir: Path) -> None:
