@@ -262,6 +262,7 @@ class Engine:
                 record["average"] = pooled_metrics(
                     [labels for _, labels in slices], avg_preds, len(self.run_data.task.verbalizers)
                 )
+                record["average_predictions"] = avg_preds
                 del avg_model
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
@@ -302,7 +303,7 @@ class Engine:
     def _finish(self) -> EngineResult:
         records = read_metrics(self.run_dir.metrics_path)
         self.run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
-        plot_run(records, self.run_dir.path)
+        plot_run(records, self.run_dir.path, list(self.run_data.task.verbalizers))
         out = self.run_dir.finish()
         self.progress.note(f"done: {out}/summary.md")
         return EngineResult(out, records, self.peers)

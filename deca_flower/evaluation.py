@@ -116,3 +116,13 @@ def pooled_metrics(labels: list[list[int]], preds: list[list[int]], num_labels: 
     flat_y = [y for ys in labels for y in ys]
     flat_p = [p for ps in preds for p in ps]
     return classification_metrics(flat_y, flat_p, num_labels)
+
+
+def confusion_matrix(
+    labels: Sequence[int], preds: Sequence[int], num_labels: int
+) -> list[list[int]]:
+    """counts[true][predicted]; the last column counts answers that named no label."""
+    counts = [[0] * (num_labels + 1) for _ in range(num_labels)]
+    for y, p in zip(labels, preds, strict=True):
+        counts[y][p if 0 <= p < num_labels else num_labels] += 1
+    return counts

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from deca_flower.evaluation import confusion_matrix
+
 INCOMPLETE = ".incomplete"
 
 
@@ -111,8 +113,10 @@ def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
     return "\n".join(lines)
 
 
-def plot_run(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Training loss per client, accuracy per round, consensus distance: PNGs."""
+def plot_run(
+    records: list[dict[str, Any]], out_dir: str | Path, label_names: list[str] | None = None
+) -> list[Path]:
+    """Training loss per client, accuracy per round, consensus distance, confusion: PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +151,34 @@ def plot_run(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
             ax.plot(*zip(*cons), "o-")
             ax.set(xlabel="round", ylabel="RMS distance to mean", title="Consensus distance")
             written.append(_save(fig, out_dir / "consensus.png"))
+        if label_names:
+            written.append(plot_confusion(evals[-1], label_names, out_dir / "confusion.png"))
     return written
+
+
+def plot_confusion(record: dict[str, Any], label_names: list[str], path: Path) -> Path:
+    """Confusion matrix of the last evaluation, pooled over clients (and the average model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat_y = [y for ys in record["labels"] for y in ys]
+    panels = [("clients' own models", record["predictions"])]
+    if record.get("average_predictions"):
+        panels.append(("parameter average", record["average_predictions"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (title, preds) in zip(axes[0], panels):
+        flat_p = [p for ps in preds for p in ps]
+        counts = confusion_matrix(flat_y, flat_p, len(label_names))
+        ax.imshow(counts, cmap="Blues")
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(label_names) + 1), [*label_names, "(none)"], rotation=30)
+        ax.set_yticks(range(len(label_names)), label_names)
+        ax.set(xlabel="generated label", ylabel="true label", title=title)
+    return _save(fig, Path(path))
 
 
 def plot_label_counts(counts: list[list[int]], path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
+from deca_flower.data import get_task
 from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.gossip import host_store
@@ -101,7 +102,7 @@ class Coordinator:
         )
         records = read_metrics(run_dir.metrics_path)
         run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
-        plot_run(records, run_dir.path)
+        plot_run(records, run_dir.path, list(get_task(self.cfg.data.name).verbalizers))
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
 
@@ -243,6 +244,7 @@ class Coordinator:
         if t >= 0 and self.cfg.eval.average_model:
             avg = [list(replies[r]["average_predictions"]) for r in range(self.n)]
             record["average"] = pooled_metrics(labels, avg, num_labels)
+            record["average_predictions"] = avg
             distance = sum(replies[r]["squared_distance"] for r in range(self.n)) / self.n
             record["consensus_distance"] = distance**0.5
         self.run_dir.log(record)

@@ -64,6 +64,7 @@ def test_schedule_bytes_and_outputs(make_config):  # invariants 11, 12
         "accuracy.png",
         "label_distribution.png",
         "consensus.png",
+        "confusion.png",
     ):
         assert (result.out_dir / name).stat().st_size > 0, name
     assert not result.out_dir.name.endswith(".incomplete")

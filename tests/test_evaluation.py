@@ -41,3 +41,10 @@ def test_predict_labels_runs_greedy_generation():
     again = predict_labels(model, tokenizer, task, texts, batch_size=3)
     assert first == again  # greedy and independent of batching/padding
     assert all(p in (INVALID, 0, 1) for p in first)
+
+
+def test_confusion_matrix_counts_true_by_generated_with_a_column_for_no_label():
+    from deca_flower.evaluation import INVALID, confusion_matrix
+
+    counts = confusion_matrix([0, 0, 1, 1, 1], [0, 1, 1, INVALID, 1], 2)
+    assert counts == [[1, 1, 0], [0, 2, 1]]

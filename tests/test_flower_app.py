@@ -104,6 +104,7 @@ def test_flower_run_writes_outputs_and_learns(flower_run):
         "loss.png",
         "accuracy.png",
         "consensus.png",
+        "confusion.png",
         "label_distribution.png",
     ):
         assert (run / name).stat().st_size > 0, name
