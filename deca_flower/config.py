@@ -105,6 +105,8 @@ class EvalConfig:
     every_rounds: int = 1
     average_model: bool = True  # also evaluate the parameter average of the clients
     zero_shot: bool = True  # evaluate the untrained model first
+    max_new_tokens: int = 64  # generation tasks (alpaca): greedy answer length for ROUGE-L
+    judge: str | None = None  # generation tasks: "module:function" scoring (prompts, answers)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from omegaconf import DictConfig
 
@@ -24,6 +25,7 @@ from deca_flower.config import to_yaml
 from deca_flower.data import plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import eval_record, pooled_metrics, predict_labels
+from deca_flower.generation import generation_metrics, is_generation_task, load_judge
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
@@ -83,6 +85,8 @@ class Engine:
         self.graph, self.weights = build_topology(cfg)
         self.run_data: RunData = prepare_data(cfg)
         self.method = get_method(cfg)
+        self.generation = is_generation_task(cfg.data.name)
+        self.judge = load_judge(cfg.eval.judge)
         self.peers = self._build_peers()
         self.steps = steps_per_phase(cfg, self.peers[0].model)
         self.wire = wire_dtype(cfg)
@@ -204,11 +208,12 @@ class Engine:
                 "test_sizes": [len(c.test) for c in self.run_data.clients],
             }
         )
-        plot_label_distribution(
-            [c.train for c in self.run_data.clients],
-            self.run_dir.path / "label_distribution.png",
-            label_names=list(self.run_data.task.verbalizers),
-        )
+        if not self.generation:  # instruction data has no labels (IID shards)
+            plot_label_distribution(
+                [c.train for c in self.run_data.clients],
+                self.run_dir.path / "label_distribution.png",
+                label_names=list(self.run_data.task.verbalizers),
+            )
         self.progress.note(
             f"{self.method.description}; {self.cfg.num_clients} clients on a {info['name']} "
             f"graph (spectral gap {info['spectral_gap']:.3f}), {self.num_blocks} blocks x "
@@ -242,6 +247,8 @@ class Engine:
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, round_idx: int) -> dict[str, Any]:
+        if self.generation:
+            return self._evaluate_generation(round_idx)
         cfg = self.cfg
         slices = [
             self.run_data.eval_slice(i, cfg.eval.max_examples_per_client)
@@ -267,6 +274,45 @@ class Engine:
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
         return record
+
+    def _evaluate_generation(self, round_idx: int) -> dict[str, Any]:
+        """Perplexity and ROUGE-L per client on its local test split (instruction tuning)."""
+        cfg = self.cfg
+        tests = [
+            c.test.select(range(min(cfg.eval.max_examples_per_client, len(c.test))))
+            for c in self.run_data.clients
+        ]
+        one_model = round_idx == -1 or len(self.peers) == 1
+        models = [self.peers[0 if one_model else i].model for i in range(cfg.num_clients)]
+        per_client = [self._generation_metrics(m, test) for m, test in zip(models, tests)]
+        record: dict[str, Any] = {
+            "type": "eval",
+            "task": "generation",
+            "round": round_idx,
+            "clients": per_client,
+            "client_mean": {k: _mean([m[k] for m in per_client]) for k in per_client[0]},
+        }
+        if round_idx >= 0:
+            record["consensus_distance"] = consensus_distance(self.peers)
+            if cfg.eval.average_model and len(self.peers) > 1:
+                avg_model = self._average_model()
+                pooled = datasets.concatenate_datasets(tests)
+                record["average"] = self._generation_metrics(avg_model, pooled)
+                del avg_model
+        self.run_dir.log(record)
+        self.progress.note(format_eval(record))
+        return record
+
+    def _generation_metrics(self, model, test) -> dict[str, float]:
+        return generation_metrics(
+            model,
+            self.tokenizer,
+            test,
+            max_length=self.cfg.data.max_length,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            batch_size=self.cfg.eval.batch_size,
+            judge=self.judge,
+        )
 
     def _predict(self, model, texts: Sequence[str]) -> list[int]:
         return predict_labels(
@@ -303,13 +349,18 @@ class Engine:
     def _finish(self) -> EngineResult:
         records = read_metrics(self.run_dir.metrics_path)
         self.run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
-        plot_run(records, self.run_dir.path, list(self.run_data.task.verbalizers))
+        labels = None if self.generation else list(self.run_data.task.verbalizers)
+        plot_run(records, self.run_dir.path, labels)
         out = self.run_dir.finish()
         self.progress.note(f"done: {out}/summary.md")
         return EngineResult(out, records, self.peers)
 
 
 # ---------------------------------------------------------------------- shared helpers
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def consensus_distance(peers: Sequence[Peer]) -> float:

@@ -98,6 +98,19 @@ def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
     if phases:
         sent = sum(sum(r["bytes_sent"]) for r in phases)
         lines.append(f"- bytes sent by all clients: {sent / 2**20:.1f} MiB")
+    if evals and evals[0].get("task") == "generation":
+        lines += ["", "| model | eval set | perplexity | ROUGE-L F1 |", "|---|---|---|---|"]
+        for r in evals:
+            tag = "zero-shot" if r["round"] == -1 else f"after round {r['round'] + 1}"
+            m = r["client_mean"]
+            lines.append(f"| clients, {tag} | mean of local tests | {m['perplexity']:.3f} | "
+                         f"{m['rouge_l']:.3f} |")  # fmt: skip
+            if r.get("average"):
+                a = r["average"]
+                lines.append(f"| parameter average, {tag} | all clients' test | "
+                             f"{a['perplexity']:.3f} | {a['rouge_l']:.3f} |")  # fmt: skip
+        lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+        return "\n".join(lines)
     lines += ["", "| model | eval set | accuracy | weighted F1 |", "|---|---|---|---|"]
     if zero:
         lines.append(_row("zero-shot (before training)", "all clients' test", zero["global"]))
@@ -134,7 +147,7 @@ def plot_run(
         ax.set(xlabel="inner step", ylabel="training loss", title="Training loss per client")
         ax.legend(fontsize=7, ncol=2)
         written.append(_save(fig, out_dir / "loss.png"))
-    evals = [r for r in records if r["type"] == "eval"]
+    evals = [r for r in records if r["type"] == "eval" and r.get("task") != "generation"]
     if evals:
         fig, ax = plt.subplots(figsize=(6, 4))
         rounds = [r["round"] + 1 for r in evals]
@@ -201,11 +214,18 @@ def plot_label_counts(counts: list[list[int]], path: str | Path) -> Path:
 
 def format_eval(record: dict[str, Any]) -> str:
     tag = "zero-shot" if record["round"] == -1 else f"after round {record['round'] + 1}"
-    text = (
-        f"eval {tag}: mean client accuracy {record['client_mean']['accuracy']:.3f}, "
-        f"F1 {record['client_mean']['f1_weighted']:.3f}"
-    )
-    if record.get("average"):
+    mean = record["client_mean"]
+    if record.get("task") == "generation":
+        text = f"eval {tag}: mean client perplexity {mean['perplexity']:.3f}, ROUGE-L "
+        text += f"{mean['rouge_l']:.3f}"
+        if record.get("average"):
+            avg = record["average"]
+            text += f"; parameter average perplexity {avg['perplexity']:.3f}, ROUGE-L "
+            text += f"{avg['rouge_l']:.3f}"
+    else:
+        text = f"eval {tag}: mean client accuracy {mean['accuracy']:.3f}, "
+        text += f"F1 {mean['f1_weighted']:.3f}"
+    if record.get("average") and "accuracy" in record["average"]:
         text += f"; parameter average accuracy {record['average']['accuracy']:.3f}"
     if "consensus_distance" in record:
         text += f"; consensus distance {record['consensus_distance']:.3e}"

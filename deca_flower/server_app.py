@@ -22,6 +22,7 @@ from deca_flower.config import to_yaml
 from deca_flower.data import get_task
 from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
+from deca_flower.generation import is_generation_task
 from deca_flower.gossip import host_store
 from deca_flower.methods import METHODS
 from deca_flower.reporting import (
@@ -72,6 +73,11 @@ class Coordinator:
                 "algorithm.method=centralized trains one model on pooled data, the reference "
                 "no decentralized deployment can run; use the in-process engine: "
                 "`deca-flower engine algorithm=centralized`"
+            )
+        if is_generation_task(self.cfg.data.name):
+            raise CoordinatorError(
+                f"data.name={self.cfg.data.name} (instruction tuning) runs in the in-process "
+                "engine only so far: `deca-flower engine data=alpaca data.path=...`"
             )
         self._check_simulation_concurrency()
         node_ids = self._wait_for_nodes()

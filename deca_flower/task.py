@@ -27,6 +27,13 @@ from deca_flower.data import (
     load_task_dataset,
     split_train_test,
 )
+from deca_flower.generation import (
+    InstructionTask,
+    encode_instructions,
+    iid_shards,
+    is_generation_task,
+    load_instruction_dataset,
+)
 from deca_flower.methods import make_partition as method_partition
 from deca_flower.methods import prepare_model
 from deca_flower.models import load_model
@@ -40,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class RunData:
-    task: TaskSpec
+    task: TaskSpec | InstructionTask
     clients: list[ClientData] | dict[int, ClientData]  # by rank; a site holds only its own
 
     def eval_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
@@ -90,6 +97,8 @@ def build_topology(cfg: DictConfig) -> tuple[nx.Graph, torch.Tensor]:
 
 def prepare_data(cfg: DictConfig) -> RunData:
     data = cfg.data
+    if is_generation_task(data.name):
+        return _prepare_instruction_data(cfg)
     task, pooled = load_task_dataset(
         data.name, data.path, text_column=data.text_column, label_column=data.label_column
     )
@@ -106,6 +115,20 @@ def prepare_data(cfg: DictConfig) -> RunData:
     return RunData(task, clients)
 
 
+def _prepare_instruction_data(cfg: DictConfig) -> RunData:
+    """Instruction tuning: IID shards (no labels to skew), each split into train/test."""
+    data = cfg.data
+    task, pooled = load_instruction_dataset(data.name, data.path)
+    if data.max_examples is not None and len(pooled) > data.max_examples:
+        pooled = pooled.shuffle(seed=cfg.seed).select(range(data.max_examples))
+    shards = iid_shards(pooled, cfg.num_clients, cfg.seed)
+    clients = [
+        ClientData(*split_train_test(shard, data.test_fraction, seed=[cfg.seed, i]))
+        for i, shard in enumerate(shards)
+    ]
+    return RunData(task, clients)
+
+
 def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
     """A deployed site's own data file: all of it is this node's shard (no Dirichlet split)."""
     data = cfg.data
@@ -119,9 +142,11 @@ def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
 def make_stream(
     cfg: DictConfig, rank: int, run_data: RunData, tokenizer: PreTrainedTokenizerBase
 ) -> BatchStream:
-    encoded: datasets.Dataset = encode_dataset(
-        run_data.clients[rank].train, tokenizer, run_data.task, cfg.data.max_length
-    )
+    train = run_data.clients[rank].train
+    if is_generation_task(cfg.data.name):
+        encoded = encode_instructions(train, tokenizer, cfg.data.max_length)
+    else:
+        encoded = encode_dataset(train, tokenizer, run_data.task, cfg.data.max_length)
     return BatchStream(
         encoded,
         cfg.data.batch_size,
@@ -138,7 +163,10 @@ def make_pooled_stream(
     One step then sees as many examples as one step of the whole network.
     """
     pooled = datasets.concatenate_datasets([c.train for c in run_data.clients])
-    encoded = encode_dataset(pooled, tokenizer, run_data.task, cfg.data.max_length)
+    if is_generation_task(cfg.data.name):
+        encoded = encode_instructions(pooled, tokenizer, cfg.data.max_length)
+    else:
+        encoded = encode_dataset(pooled, tokenizer, run_data.task, cfg.data.max_length)
     return BatchStream(
         encoded,
         cfg.data.batch_size * cfg.num_clients,
