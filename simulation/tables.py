@@ -222,9 +222,14 @@ def _experiment_section(results, name, axis, groups, dataset) -> list[str]:
             "![accuracy vs memory](accuracy_vs_memory.png)\n"
         ]
         return out
-    titles = {"topology": "Table 4", "clients": "Table 5", "layers_per_block": "Table 6"}
-    title = titles.get(name, "Table")
-    out += [f"## {title}: {name}\n", accuracy_table(groups, dataset, AXIS_TITLES.get(axis)), ""]
+    titles = {
+        "topology": "Table 4: topologies",
+        "clients": "Table 5: number of clients",
+        "layers_per_block": "Table 6: layers per block",
+        "seeds": "Seed repeats (mean ± std over seeds)",
+    }
+    title = titles.get(name, f"Experiment {name}")
+    out += [f"## {title}\n", accuracy_table(groups, dataset, AXIS_TITLES.get(axis)), ""]
     if axis:
         deca = {k: v for k, v in groups.items() if k[0] == "deca"} or groups
         png = f"loss_{name}.png"
