@@ -148,6 +148,10 @@ def run_cell(cell: Cell, grid: dict, out: Path, engine: str, threads: int) -> di
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if code != 0:  # a negative code is a signal: -9 is usually the kernel's OOM killer
+            log.write(
+                f"\n[sweep] exit code {code}{' (killed: out of memory?)' if code == -9 else ''}\n"
+            )
     runs = sorted(p for p in cell_dir.glob("run-*") if not p.name.endswith(".incomplete"))
     if code != 0 or not runs:
         return None
