@@ -142,17 +142,20 @@ def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
 def make_stream(
     cfg: DictConfig, rank: int, run_data: RunData, tokenizer: PreTrainedTokenizerBase
 ) -> BatchStream:
-    train = run_data.clients[rank].train
-    if is_generation_task(cfg.data.name):
-        encoded = encode_instructions(train, tokenizer, cfg.data.max_length)
-    else:
-        encoded = encode_dataset(train, tokenizer, run_data.task, cfg.data.max_length)
     return BatchStream(
-        encoded,
+        _encode_train(cfg, run_data, run_data.clients[rank].train, tokenizer),
         cfg.data.batch_size,
         seed=cfg.seed * 100_003 + rank,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _encode_train(
+    cfg: DictConfig, run_data: RunData, rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
+) -> datasets.Dataset:
+    if is_generation_task(cfg.data.name):
+        return encode_instructions(rows, tokenizer, cfg.data.max_length)
+    return encode_dataset(rows, tokenizer, run_data.task, cfg.data.max_length)
 
 
 def make_pooled_stream(
@@ -163,12 +166,8 @@ def make_pooled_stream(
     One step then sees as many examples as one step of the whole network.
     """
     pooled = datasets.concatenate_datasets([c.train for c in run_data.clients])
-    if is_generation_task(cfg.data.name):
-        encoded = encode_instructions(pooled, tokenizer, cfg.data.max_length)
-    else:
-        encoded = encode_dataset(pooled, tokenizer, run_data.task, cfg.data.max_length)
     return BatchStream(
-        encoded,
+        _encode_train(cfg, run_data, pooled, tokenizer),
         cfg.data.batch_size * cfg.num_clients,
         seed=cfg.seed * 100_003,
         pad_token_id=tokenizer.pad_token_id,
