@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from deca_flower.blocks import find_decoder_layers
+from deca_flower.blocks import find_decoder_layers, train_only
 
 ADAPTER_NAME = "adapter"  # submodule name of a bottleneck adapter inside `layer.mlp`
 
@@ -142,16 +142,10 @@ class AdapterPartition:
 
     def activate(self, k: int) -> list[nn.Parameter]:
         params = self.parameters(k)
-        trainable = {id(p) for p in params}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in trainable)
-            if id(p) not in trainable:
-                p.grad = None
+        train_only(self.model, params)
         self.active = k
         return params
 
     def freeze_all(self) -> None:
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
+        train_only(self.model, [])
         self.active = None

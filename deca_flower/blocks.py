@@ -183,19 +183,13 @@ class BlockPartition:
         """Make block k the only trainable part of the model; returns its parameters."""
         self._check_index(k)
         block = self.parameters(k)
-        in_block = {id(p) for p in block}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in in_block)
-            if id(p) not in in_block:
-                p.grad = None  # drop the previous block's gradients: memory scales with one block
+        train_only(self.model, block)
         self.active = k
         return block
 
     def freeze_all(self) -> None:
         """No parameter trainable, no gradient kept (e.g. for evaluation)."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
+        train_only(self.model, [])
         self.active = None
 
     def enable_gradient_checkpointing(
@@ -259,6 +253,16 @@ class BlockPartition:
             return None
 
         return hook
+
+
+def train_only(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Make `params` the model's only trainable parameters; every other .grad is dropped
+    (so gradient memory scales with what is trained now)."""
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+        if id(p) not in trainable:
+            p.grad = None
 
 
 def _needs_grad_leaf(x: object) -> bool:
