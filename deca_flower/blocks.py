@@ -133,7 +133,6 @@ class BlockPartition:
         name_of = {id(p): n for n, p in model.named_parameters()}
         self._blocks = [self._collect(k, name_of) for k in range(self.num_blocks)]
         self._check_disjoint()
-        self._ckpt_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def _collect(self, k: int, name_of: dict[int, str]) -> list[tuple[str, nn.Parameter]]:
         named: list[tuple[str, nn.Parameter]] = []
@@ -198,15 +197,23 @@ class BlockPartition:
         """Turn on HF activation checkpointing without building a graph below the active block.
 
         `transformers` calls `enable_input_require_grads()` inside
-        `gradient_checkpointing_enable`; we remove that hook again. A forward
-        pre-hook per decoder layer then (a) checkpoints only the active block and the
-        layers above it (below it there is no graph, so recomputing would be wasted)
-        and (b) with reentrant checkpointing, which yields parameter gradients only
-        when a layer's input requires grad, makes the hidden states require grad at
-        the active block's input only, as BAdam does.
+        `gradient_checkpointing_enable`; we remove that hook again. Each decoder layer's
+        checkpoint function (HF calls `layer._gradient_checkpointing_func(fn, *args)`) is then
+        wrapped so that (a) only the active block and the layers above it are checkpointed
+        (below it there is no graph, so recomputing would be wasted) and (b) with reentrant
+        checkpointing, which yields parameter gradients only when a layer's input requires
+        grad, the hidden states require grad at the active block's input only, as BAdam does.
+        Wrapping the function rather than hooking the layer works whether transformers
+        checkpoints `__call__` (hooks run inside the checkpoint, < 5.2x) or `forward`.
         """
         if model is not None and model is not self.model:
             raise BlockError("enable_gradient_checkpointing: model is not the partitioned model.")
+        if not all(hasattr(layer, "gradient_checkpointing") for layer in self.layers):
+            raise BlockError(
+                "gradient checkpointing per block needs decoder layers that checkpoint "
+                "themselves (transformers' GradientCheckpointingLayer, transformers >= 4.53); "
+                "upgrade transformers or set train.gradient_checkpointing=false"
+            )
         kwargs = {"use_reentrant": use_reentrant}
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -217,11 +224,11 @@ class BlockPartition:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(self.model, "disable_input_require_grads"):
             self.model.disable_input_require_grads()
-        self._remove_ckpt_hooks()
-        flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in self.layers]
         for i, layer in enumerate(self.layers):
-            hook = self._make_ckpt_hook(i, flags[i], use_reentrant)
-            self._ckpt_hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            hf_checkpoint = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = self._block_checkpoint(
+                i, hf_checkpoint, use_reentrant
+            )
 
     def disable_gradient_checkpointing(self) -> None:
         """Undo `enable_gradient_checkpointing`."""
@@ -229,30 +236,17 @@ class BlockPartition:
         if disable is None:
             disable = self.model.gradient_checkpointing_disable
         disable()
-        self._remove_ckpt_hooks()
 
-    def _remove_ckpt_hooks(self) -> None:
-        for handle in self._ckpt_hooks:
-            handle.remove()
-        self._ckpt_hooks = []
-
-    def _make_ckpt_hook(self, index: int, checkpointed: bool, reentrant: bool) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _block_checkpoint(self, index: int, hf_checkpoint: Callable, reentrant: bool) -> Callable:
+        def checkpoint(fn: Callable, *args: object) -> object:
             first = None if self.active is None else self.layer_indices(self.active)[0]
-            in_graph = torch.is_grad_enabled() and first is not None and index >= first
-            # HF reads this flag at call time, after the pre-hooks have run.
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = checkpointed and in_graph
-            if not (reentrant and in_graph and index == first):
-                return None  # later layers of the block get an input that already needs grad
-            if args and _needs_grad_leaf(args[0]):
-                return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-            if _needs_grad_leaf(kwargs.get("hidden_states")):
-                hidden = kwargs["hidden_states"].detach().requires_grad_(True)
-                return args, dict(kwargs, hidden_states=hidden)
-            return None
+            if first is None or index < first or not torch.is_grad_enabled():
+                return fn(*args)  # no graph here: nothing to recompute in the backward
+            if reentrant and index == first and args and _needs_grad_leaf(args[0]):
+                args = (args[0].detach().requires_grad_(True), *args[1:])
+            return hf_checkpoint(fn, *args)
 
-        return hook
+        return checkpoint
 
 
 def train_only(model: nn.Module, params: list[nn.Parameter]) -> None:

@@ -215,15 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     grid = load_grid(args.grid)
-    experiments = expand(grid, args.only)
-    cells = run_order(experiments)
+    cells = run_order(expand(grid, args.only))
     args.out.mkdir(parents=True, exist_ok=True)
+    # The whole grid, whatever --only ran now: tables.py reads every experiment from here.
+    command = ["python", "simulation/sweep.py", str(args.grid), "--out", str(args.out)]
     (args.out / "grid.json").write_text(
         json.dumps(
             {
                 "grid": grid,
-                "experiments": {k: [c.id for c in v] for k, v in experiments.items()},
-                "command": "python " + shlex.join(sys.argv),
+                "experiments": {k: [c.id for c in v] for k, v in expand(grid, None).items()},
+                "command": shlex.join(command),
             },
             indent=1,
         )

@@ -434,6 +434,61 @@ def test_stuck_peer_times_out(peers: PeerPool) -> None:
     assert res[1][1]["error"] is not None  # its neighbours gave up, so it cannot go on
 
 
+# ---------------------------------------------------------------------------- tests: CUDA peers
+# Run where a GPU is lent; skipped elsewhere. One GPU: every peer shares it, so blocks on the GPU
+# travel through Gloo's pinned host staging, and NCCL must refuse with a clear message (NCCL
+# itself rejects two ranks on one device). NCCL's own path needs one GPU per peer.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def scenario_cuda_mix(rank: int, port: int, name: str, backend: str) -> dict[str, Any]:
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    x = make_block(rank).to(device)
+    with ring_group(rank, port, name, backend=backend, device=device) as group:
+        mixed = group.mix(x)
+        used = group.backend
+    return {"mixed": mixed.cpu().numpy(), "device": str(mixed.device), "backend": used}
+
+
+def _check_cuda_ring(res: dict[int, tuple[str, Any, float]], backend: str) -> None:
+    x = np.stack([make_block(r).double().numpy() for r in range(WORLD)])
+    expected = ring_matrix() @ x
+    for r in range(WORLD):
+        status, value, _ = res[r]
+        assert status == "ok", value
+        assert value["backend"] == backend and value["device"].startswith("cuda")
+        np.testing.assert_allclose(value["mixed"], expected[r], rtol=0, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_blocks_mix_through_gloo_staging(peers: PeerPool) -> None:
+    res = peers.run(scenario_cuda_mix, name=unique("cuda-gloo"), backend="gloo", limit=120)
+    _check_cuda_ring(res, "gloo")
+
+
+@needs_cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() >= WORLD,
+    reason="peers share a GPU only when there are fewer GPUs than peers",
+)
+def test_nccl_refuses_peers_that_share_a_gpu(peers: PeerPool) -> None:
+    res = peers.run(scenario_cuda_mix, name=unique("nccl-shared"), backend="nccl", limit=120)
+    for r in range(WORLD):
+        status, value, _ = res[r]
+        assert status == "gossip_error", value
+        assert "share GPU" in value and "gossip.backend=gloo" in value
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < WORLD,
+    reason=f"NCCL needs one GPU per peer ({WORLD})",
+)
+def test_nccl_ring_mix_matches_float64_reference(peers: PeerPool) -> None:
+    res = peers.run(scenario_cuda_mix, name=unique("nccl"), backend="nccl", limit=120)
+    _check_cuda_ring(res, "nccl")
+
+
 # ---------------------------------------------------------------------------- tests: in-process
 
 

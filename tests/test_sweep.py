@@ -85,6 +85,18 @@ def test_rerun_skips_finished_cells(swept, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_only_runs_a_subset_but_grid_json_keeps_every_experiment(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(GRID)
+    out = tmp_path / "results"
+    assert sweep.main([str(path), "--out", str(out), "--only", "topology", "--dry-run"]) == 0
+    assert "[sweep] 2 cells, 0 already done" in capsys.readouterr().out
+    recorded = json.loads((out / "grid.json").read_text())
+    assert sorted(recorded["experiments"]) == ["methods", "topology"]
+    assert len(recorded["experiments"]["methods"]) == 4
+    assert "--only" not in recorded["command"]
+
+
 def test_tables_report_mean_and_std_over_seeds_and_plots(swept):
     _, out = swept
     tables.main([str(out)])
