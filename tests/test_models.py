@@ -114,6 +114,27 @@ def test_local_directory_roundtrip_offline(tmp_path: Path, monkeypatch) -> None:
     assert loaded.config.use_cache is False and loaded_tok.padding_side == "left"
 
 
+def test_random_prefix_keeps_the_architecture_and_draws_weights_from_the_seed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = load_model("tiny-llama", num_layers=3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # only config and tokenizer are needed
+    a, a_tok = load_model(f"random:{tmp_path}", seed=1, dtype=torch.bfloat16)
+    b, _ = load_model(f"random:{tmp_path}", seed=1)
+    b_again, _ = load_model(f"random:{tmp_path}", seed=1)
+    c, _ = load_model(f"random:{tmp_path}", seed=2)
+    assert a.config.num_hidden_layers == 3 and a.config.hidden_size == model.config.hidden_size
+    assert [p.shape for p in a.parameters()] == [p.shape for p in model.parameters()]
+    assert a.dtype == torch.bfloat16 and a_tok("hi")["input_ids"] == tok("hi")["input_ids"]
+    assert _same_weights(b, b_again) and not _same_weights(b, c)
+    assert not _same_weights(b, model)  # the saved weights were not used
+    with pytest.raises(ModelLoadError, match=r"`model\.name`='random:/no/such/dir'"):
+        load_model("random:/no/such/dir")
+
+
 @pytest.mark.parametrize("name", ["/nonexistent/deca/model", "./no-such-model-dir"])
 def test_missing_path_names_the_setting(name: str) -> None:
     with pytest.raises(ModelLoadError, match=r"`model\.name`.*does not exist"):
