@@ -104,7 +104,7 @@ def ablation_table(groups: dict[tuple, list[dict]]) -> str:
 def resource_table(groups: dict[tuple, list[dict]]) -> str:
     rows = [
         "| Method | trained params per step | MB sent per client | optimizer state + grads "
-        "MB | peak RSS MB (whole engine) | wall s |",
+        "MB | peak memory MB (whole engine: RSS on CPU, CUDA max allocated on GPU) | wall s |",
         "|---|---|---|---|---|---|",
     ]
     for (variant, _), group in groups.items():
