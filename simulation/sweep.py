@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from deca_flower.cli import split_args
 from deca_flower.reporting import read_metrics
 
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml is here
 AXES = {  # axis -> how a value becomes a setting
     "topology": "topology={}",
     "num_clients": "num_clients={}",
@@ -127,7 +128,7 @@ def flower_command(cell: Cell, grid: dict, cell_dir: Path) -> list[str]:
     ]
     federation = f"num-supernodes={n} client-resources-num-cpus=1 init-args-num-cpus={n}"
     return [
-        "flwr", "run", ".", "--stream",
+        "flwr", "run", str(APP_DIR), "--stream",
         "--run-config", " ".join(run_config),
         "--federation-config", federation,
     ]  # fmt: skip

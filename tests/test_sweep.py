@@ -111,3 +111,26 @@ def test_tables_report_mean_and_std_over_seeds_and_plots(swept):
     for png in ("loss_methods.png", "accuracy_vs_bytes.png", "accuracy_vs_memory.png",
                 "loss_topology.png"):  # fmt: skip
         assert (out / png).stat().st_size > 0
+
+
+def test_flower_engine_cells_reproduce_the_in_process_engine(tmp_path):
+    """`--engine flower` runs the cell through `flwr run` (Flower's simulation engine)."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        GRID.replace(
+            "variants: [deca, local-only]\n    seeds: [0, 1]", "variants: [deca]\n    seeds: [0]"
+        )
+    )
+    losses = {}
+    for engine in ("engine", "flower"):
+        out = tmp_path / engine
+        assert (
+            sweep.main([str(grid), "--out", str(out), "--engine", engine, "--only", "methods"]) == 0
+        )
+        (cell,) = [json.loads(p.read_text()) for p in (out / "cells").glob("*/cell.json")]
+        assert cell["engine"] == engine
+        records = read_metrics(out / cell["run_dir"] / "metrics.jsonl")
+        losses[engine] = [r["loss"] for r in records if r["type"] == "step"]
+    assert len(losses["flower"]) == len(losses["engine"]) > 0
+    for a, b in zip(losses["flower"], losses["engine"]):
+        assert a == pytest.approx(b, rel=1e-4)
