@@ -4,7 +4,8 @@ Message types (sent by `server_app.py`):
 - `query.handshake`: report rank, data shard facts and device; join a barrier on the
   coordinator's store so the coordinator learns whether all peers can run at once.
 - `train.deca`: run one phase (S inner steps per block, gossip every step); reply metrics.
-- `evaluate.deca`: predict on the local test slice (and with the network average).
+- `evaluate.deca`: score the local test slice (labels, or perplexity / ROUGE-L for
+  instruction tuning), also with the network average.
 - `query.finish`: optionally export the final model; drop a simulated node's scratch state.
 
 Node config (`--node-config`, deployment): `partition-id`, `num-partitions`, `state-dir`,
@@ -84,7 +85,14 @@ def _evaluate(msg: Message, context: Context) -> dict[str, Any]:
     node = _node(context)
     zero_shot = bool(msg.content["request"].get("zero_shot", False))
     out = node.evaluate(plan, zero_shot=zero_shot)
-    return {"rank": plan.rank, **out}
+    # A ConfigRecord is flat: {"metrics": {"rouge_l": x}} travels as {"metrics.rouge_l": x}.
+    flat = {
+        f"{key}.{name}": v
+        for key, value in out.items()
+        if isinstance(value, dict)
+        for name, v in value.items()
+    }
+    return {"rank": plan.rank, **{k: v for k, v in out.items() if not isinstance(v, dict)}, **flat}
 
 
 def _finish(msg: Message, context: Context) -> dict[str, Any]:

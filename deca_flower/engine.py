@@ -25,7 +25,12 @@ from deca_flower.config import to_yaml
 from deca_flower.data import plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import eval_record, pooled_metrics, predict_labels
-from deca_flower.generation import generation_metrics, is_generation_task, load_judge
+from deca_flower.generation import (
+    GENERATION_METRICS,
+    generation_metrics,
+    is_generation_task,
+    load_judge,
+)
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
@@ -290,7 +295,11 @@ class Engine:
             "task": "generation",
             "round": round_idx,
             "clients": per_client,
-            "client_mean": {k: _mean([m[k] for m in per_client]) for k in per_client[0]},
+            "client_mean": {
+                k: _mean([m[k] for m in per_client])
+                for k in GENERATION_METRICS
+                if k in per_client[0]
+            },
         }
         if round_idx >= 0:
             record["consensus_distance"] = consensus_distance(self.peers)

@@ -155,10 +155,10 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 @torch.no_grad()
-def response_perplexity(
+def response_nll(
     model: PreTrainedModel, rows: datasets.Dataset, pad_token_id: int, batch_size: int = 8
-) -> float:
-    """exp(mean NLL per response token) over encoded rows (labels -100 elsewhere)."""
+) -> tuple[float, int]:
+    """(summed NLL, number) of the response tokens of encoded rows (labels -100 elsewhere)."""
     from deca_flower.data import pad_batch
 
     device = next(model.parameters()).device
@@ -179,6 +179,15 @@ def response_perplexity(
         total_nll += float(nll)
         total_tokens += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)
+    return total_nll, total_tokens
+
+
+@torch.no_grad()
+def response_perplexity(
+    model: PreTrainedModel, rows: datasets.Dataset, pad_token_id: int, batch_size: int = 8
+) -> float:
+    """exp(mean NLL per response token) over encoded rows (labels -100 elsewhere)."""
+    total_nll, total_tokens = response_nll(model, rows, pad_token_id, batch_size)
     return math.exp(total_nll / max(total_tokens, 1))
 
 
@@ -247,8 +256,9 @@ def generation_metrics(
     answers = generate_responses(
         model, tokenizer, test[PROMPT], max_new_tokens, batch_size, max_length
     )
+    nll, tokens = response_nll(model, rows, pad, batch_size)
     out = {
-        "perplexity": response_perplexity(model, rows, pad, batch_size),
+        "perplexity": math.exp(nll / max(tokens, 1)),
         "rouge_l": sum(rouge_l(a, r) for a, r in zip(answers, test[RESPONSE])) / len(answers),
     }
     if judge is not None:
@@ -256,6 +266,25 @@ def generation_metrics(
         if len(scores) != len(answers):
             raise DataError(f"eval.judge returned {len(scores)} scores for {len(answers)} answers")
         out["judge_score"] = sum(scores) / len(scores)
+    # The sums behind the means, so metrics of several test sets can be pooled exactly.
+    out.update({"num_examples": len(answers), "response_tokens": tokens, "response_nll": nll})
+    return out
+
+
+GENERATION_METRICS = ("perplexity", "rouge_l", "judge_score")
+
+
+def pool_generation_metrics(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The metrics of the union of the test sets behind `parts` (generation_metrics outputs):
+    perplexity over all response tokens, ROUGE-L and judge score over all examples."""
+    examples = sum(p["num_examples"] for p in parts)
+    tokens = sum(p["response_tokens"] for p in parts)
+    nll = sum(p["response_nll"] for p in parts)
+    out = {"perplexity": math.exp(nll / max(tokens, 1))}
+    for key in ("rouge_l", "judge_score"):
+        if key in parts[0]:
+            out[key] = sum(p[key] * p["num_examples"] for p in parts) / examples
+    out.update({"num_examples": examples, "response_tokens": tokens, "response_nll": nll})
     return out
 
 

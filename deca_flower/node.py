@@ -9,9 +9,11 @@ memory so that Ray actors serving the same node again reload nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from omegaconf import DictConfig
 from deca_flower.config import to_yaml
 from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import predict_labels
+from deca_flower.generation import generation_metrics, is_generation_task, load_judge
 from deca_flower.gossip import GossipGroup
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
@@ -88,6 +91,7 @@ class Node:
             if self.method.mixing == "tsvd"
             else None
         )
+        self.judge = load_judge(cfg.eval.judge)
         self.broken = False
         self.last_phase = -1
         self.refresh()
@@ -192,29 +196,57 @@ class Node:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, plan: PhasePlan, zero_shot: bool = False) -> dict[str, Any]:
-        """Predict on the local test slice with this node's model (and the network average)."""
-        texts, labels = self.run_data.eval_slice(self.rank, self.cfg.eval.max_examples_per_client)
-        out: dict[str, Any] = {"labels": labels, "predictions": self._predict(texts)}
+        """Score the local test slice with this node's model (and the network average)."""
+        limit = self.cfg.eval.max_examples_per_client
+        if is_generation_task(self.cfg.data.name):
+            test = self.run_data.clients[self.rank].test
+            test = test.select(range(min(limit, len(test))))
+            score = functools.partial(self._generation_metrics, test)
+            key = "metrics"
+        else:
+            texts, labels = self.run_data.eval_slice(self.rank, limit)
+            score = functools.partial(self._predict, texts)
+            key = "predictions"
+        out: dict[str, Any] = {key: score()}
+        if key == "predictions":
+            out["labels"] = labels
         if zero_shot or not self.cfg.eval.average_model:
             return out
         with self._group(plan):
-            own = _trainable(self.peer)
-            averaged = [p.detach().float().clone() for p in own]
-            squared_distance = 0.0
+            out[f"average_{key}"], out["squared_distance"] = self._with_average_model(plan, score)
+        return out
+
+    def _with_average_model(self, plan: PhasePlan, score: Callable[[], Any]) -> tuple[Any, float]:
+        """score() with the network's parameter average loaded, then this node's own back;
+        also this node's squared distance to the average."""
+        own = _trainable(self.peer)
+        averaged = [p.detach().float().clone() for p in own]
+        squared_distance = 0.0
+        for p, avg in zip(own, averaged):
+            dist.all_reduce(avg)  # one collective per tensor keeps peak memory small
+            avg.div_(plan.world_size)
+            squared_distance += float(((p.detach().float() - avg) ** 2).sum())
+        saved = [p.detach().clone() for p in own]
+        with torch.no_grad():
             for p, avg in zip(own, averaged):
-                dist.all_reduce(avg)  # one collective per tensor keeps peak memory small
-                avg.div_(plan.world_size)
-                squared_distance += float(((p.detach().float() - avg) ** 2).sum())
-            saved = [p.detach().clone() for p in own]
-            with torch.no_grad():
-                for p, avg in zip(own, averaged):
-                    p.copy_(avg.to(p.dtype))
-            out["average_predictions"] = self._predict(texts)
+                p.copy_(avg.to(p.dtype))
+        try:
+            return score(), squared_distance
+        finally:
             with torch.no_grad():
                 for p, s in zip(own, saved):
                     p.copy_(s)
-        out["squared_distance"] = squared_distance
-        return out
+
+    def _generation_metrics(self, test: Any) -> dict[str, float]:
+        return generation_metrics(
+            self.peer.model,
+            self.tokenizer,
+            test,
+            max_length=self.cfg.data.max_length,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            batch_size=self.cfg.eval.batch_size,
+            judge=self.judge,
+        )
 
     def _predict(self, texts: list[str]) -> list[int]:
         return predict_labels(
@@ -240,6 +272,8 @@ class Node:
         _NODES.clear()
 
     def label_counts(self) -> list[int]:
+        if is_generation_task(self.cfg.data.name):
+            return []  # instruction tuning: no labels
         labels = self.run_data.clients[self.rank].train["label"]
         return [
             sum(1 for y in labels if y == c) for c in range(len(self.run_data.task.verbalizers))

@@ -22,7 +22,11 @@ from deca_flower.config import to_yaml
 from deca_flower.data import get_task
 from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
-from deca_flower.generation import is_generation_task
+from deca_flower.generation import (
+    GENERATION_METRICS,
+    is_generation_task,
+    pool_generation_metrics,
+)
 from deca_flower.gossip import host_store
 from deca_flower.methods import METHODS
 from deca_flower.reporting import (
@@ -74,11 +78,6 @@ class Coordinator:
                 "no decentralized deployment can run; use the in-process engine: "
                 "`deca-flower engine algorithm=centralized`"
             )
-        if is_generation_task(self.cfg.data.name):
-            raise CoordinatorError(
-                f"data.name={self.cfg.data.name} (instruction tuning) runs in the in-process "
-                "engine only so far: `deca-flower engine data=alpaca data.path=...`"
-            )
         self._check_simulation_concurrency()
         node_ids = self._wait_for_nodes()
         info = self._handshake(node_ids)
@@ -108,7 +107,9 @@ class Coordinator:
         )
         records = read_metrics(run_dir.metrics_path)
         run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
-        plot_run(records, run_dir.path, list(get_task(self.cfg.data.name).verbalizers))
+        generation = is_generation_task(self.cfg.data.name)
+        labels = None if generation else list(get_task(self.cfg.data.name).verbalizers)
+        plot_run(records, run_dir.path, labels)
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
 
@@ -243,6 +244,11 @@ class Coordinator:
         request = self._common_request(f"eval{t + 1}")
         request.update({"round": t, "blocks": [], "steps": 0, "zero_shot": t == -1})
         replies = self._send_to_ranks(request, "evaluate.deca")
+        if is_generation_task(self.cfg.data.name):
+            record = self._generation_record(t, replies)
+            self.run_dir.log(record)
+            self.progress.note(format_eval(record))
+            return
         labels = [list(replies[r]["labels"]) for r in range(self.n)]
         preds = [list(replies[r]["predictions"]) for r in range(self.n)]
         num_labels = self.num_labels
@@ -255,6 +261,29 @@ class Coordinator:
             record["consensus_distance"] = distance**0.5
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
+
+    def _generation_record(self, t: int, replies: dict[int, dict]) -> dict[str, Any]:
+        """The engine's instruction-tuning eval record, from the nodes' own scores."""
+        per_client = [_unflatten(replies[r], "metrics") for r in range(self.n)]
+        record: dict[str, Any] = {
+            "type": "eval",
+            "task": "generation",
+            "round": t,
+            "clients": per_client,
+            "client_mean": {
+                k: sum(m[k] for m in per_client) / self.n
+                for k in GENERATION_METRICS
+                if k in per_client[0]
+            },
+        }
+        if t >= 0 and self.cfg.eval.average_model:
+            # Each node scored the average on its own test slice; pooled, that is the
+            # average model on the union of the slices, as the engine computes it.
+            parts = [_unflatten(replies[r], "average_metrics") for r in range(self.n)]
+            record["average"] = pool_generation_metrics(parts)
+            distance = sum(replies[r]["squared_distance"] for r in range(self.n)) / self.n
+            record["consensus_distance"] = distance**0.5
+        return record
 
     # ------------------------------------------------------------------ messaging
 
@@ -341,7 +370,8 @@ class Coordinator:
                 "rank_to_node": {str(r): n for r, n in self.rank_to_node.items()},
             }
         )
-        plot_label_counts(counts, self.run_dir.path / "label_distribution.png")
+        if counts[0]:  # instruction tuning has no labels to plot
+            plot_label_counts(counts, self.run_dir.path / "label_distribution.png")
         Progress(0).note(
             f"{self.n} peers on a {topo['name']} graph (spectral gap {topo['spectral_gap']:.3f}),"
             f" {num_blocks} blocks x {self.cfg.train.steps_per_block} steps x "
@@ -358,3 +388,9 @@ def _federation_hint(n: int) -> str:
         f"in deployment start {n} SuperNodes that can reach the coordinator's store "
         "(gossip.advertise_host)."
     )
+
+
+def _unflatten(reply: dict[str, Any], key: str) -> dict[str, Any]:
+    """{"metrics.rouge_l": x} -> {"rouge_l": x} (client_app flattens nested replies)."""
+    prefix = f"{key}."
+    return {k.removeprefix(prefix): v for k, v in reply.items() if k.startswith(prefix)}

@@ -132,9 +132,12 @@ def _prepare_instruction_data(cfg: DictConfig) -> RunData:
 def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
     """A deployed site's own data file: all of it is this node's shard (no Dirichlet split)."""
     data = cfg.data
-    task, local = load_task_dataset(
-        data.name, path, text_column=data.text_column, label_column=data.label_column
-    )
+    if is_generation_task(data.name):
+        task, local = load_instruction_dataset(data.name, path)
+    else:
+        task, local = load_task_dataset(
+            data.name, path, text_column=data.text_column, label_column=data.label_column
+        )
     train, test = split_train_test(local, data.test_fraction, seed=[cfg.seed, rank])
     return RunData(task, {rank: ClientData(train, test)})
 

@@ -7,6 +7,7 @@ The failure tests check that bad settings stop the run with a message naming the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -186,6 +187,53 @@ def test_baseline_through_flower_equals_the_engine(algorithm, tmp_path):
     if algorithm == "local":
         assert all(sum(p["bytes_sent"]) == 0 for p in records if p["type"] == "phase")
     assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-4)
+
+
+def test_instruction_tuning_through_flower_equals_the_engine(tmp_path):
+    """Alpaca-style data: training, per-client perplexity / ROUGE-L and the average model's
+    (pooled from the nodes' own test slices) match the engine, which pools the test sets."""
+    rows = [
+        {
+            "instruction": f"Name colour {i % 4}.",
+            "input": "",
+            "output": f"Colour {i % 4} is c{i % 4}.",
+        }
+        for i in range(60)
+    ]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    settings = {
+        "num_clients": 3,
+        "train.steps_per_block": 2,
+        "data.name": "alpaca",
+        "data.path": str(data),
+        "eval.max_examples_per_client": 4,
+        "eval.max_new_tokens": 6,
+        "eval.zero_shot": "true",
+        "topology.name": "ring",
+        "flower.keep_state": "true",
+    }
+    out_dir = tmp_path / "flower"
+    proc = flwr_run(out_dir, {k: v for k, v in settings.items() if k != "num_clients"}, nodes=3)
+    runs = finished_runs(out_dir)
+    assert len(runs) == 1, f"no result:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    cfg = load_config({"model": "tiny"}, {**settings, "output_dir": str(tmp_path)})
+    assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-4)
+    engine_evals = [
+        r for r in read_metrics(next(tmp_path.glob("deca-*/metrics.jsonl"))) if r["type"] == "eval"
+    ]
+    flower_evals = [r for r in records if r["type"] == "eval"]
+    assert [e["round"] for e in flower_evals] == [-1, 0] == [e["round"] for e in engine_evals]
+    for f, e in zip(flower_evals, engine_evals):
+        assert f["task"] == "generation"
+        for fc, ec in zip(f["clients"], e["clients"]):
+            assert fc["perplexity"] == pytest.approx(ec["perplexity"], rel=1e-4)
+            assert fc["rouge_l"] == pytest.approx(ec["rouge_l"], abs=1e-6)
+    average, expected = flower_evals[-1]["average"], engine_evals[-1]["average"]
+    assert average["num_examples"] == expected["num_examples"] == 12
+    assert average["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
+    assert average["rouge_l"] == pytest.approx(expected["rouge_l"], abs=1e-3)
 
 
 def test_centralized_is_refused_by_the_flower_app(tmp_path):

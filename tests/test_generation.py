@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
+import datasets
 import pytest
 import torch
 
@@ -12,7 +14,9 @@ from deca_flower.data import DataError, pad_batch
 from deca_flower.engine import run_engine
 from deca_flower.generation import (
     encode_instructions,
+    generation_metrics,
     load_instruction_dataset,
+    pool_generation_metrics,
     response_perplexity,
     rouge_l,
 )
@@ -77,6 +81,31 @@ def test_perplexity_equals_exp_of_the_models_own_mean_loss(alpaca_file):
         n = sum(1 for t in rows[i]["labels"][1:] if t != -100)
         total, count = total + float(loss) * n, count + n
     assert ppl == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_metrics_pooled_over_test_sets_equal_the_metrics_of_their_union(alpaca_file):
+    model, tokenizer = load_model("tiny-llama")
+    _, ds = load_instruction_dataset("alpaca", str(alpaca_file))
+    parts = [ds.select(range(0, 3)), ds.select(range(3, 8))]
+    score = functools.partial(
+        generation_metrics, model, tokenizer, max_length=192, max_new_tokens=4, batch_size=2
+    )
+    pooled = pool_generation_metrics([score(p) for p in parts])
+    union = score(datasets.concatenate_datasets(parts))
+    assert pooled["num_examples"] == union["num_examples"] == 8
+    assert pooled["response_tokens"] == union["response_tokens"]
+    assert pooled["perplexity"] == pytest.approx(union["perplexity"], rel=1e-5)
+    assert pooled["rouge_l"] == pytest.approx(union["rouge_l"], abs=1e-9)
+    # Example- and token-weighted by hand: 2 examples at 0.5 and 3 at 0.2; NLL 10+20 over 5+15.
+    hand = pool_generation_metrics(
+        [
+            {"rouge_l": 0.5, "num_examples": 2, "response_tokens": 5, "response_nll": 10.0},
+            {"rouge_l": 0.2, "num_examples": 3, "response_tokens": 15, "response_nll": 20.0},
+        ]
+    )
+    assert hand["rouge_l"] == pytest.approx(0.32) and hand["perplexity"] == pytest.approx(
+        math.exp(1.5)
+    )
 
 
 def test_engine_instruction_tuning_lowers_perplexity(make_config, alpaca_file):
