@@ -3,6 +3,7 @@
     deca-flower engine                              # embedded default, in-process
     deca-flower engine model=tiny topology=ring train.rounds=2
     deca-flower presets                             # list the presets of each group
+    deca-flower lab --sites 3 --run-config 'preset-model="tiny"'   # rehearse a deployment
 
 Arguments `model=`, `data=`, `topology=` and `algorithm=` pick presets from
 `conf/`; every other `key=value` overrides a config key (dotted path).
@@ -15,6 +16,8 @@ import sys
 from collections.abc import Sequence
 
 from deca_flower.config import PRESET_GROUPS, ConfigError, available_presets, load_config
+from deca_flower.lab.main import add_arguments as add_lab_arguments
+from deca_flower.lab.main import lab_main
 
 
 def split_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -52,7 +55,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = sub.add_parser("engine", help="run DECA in-process (n virtual clients)")
     engine.add_argument("settings", nargs="*", help="group=preset or key.path=value")
     sub.add_parser("presets", help="list the available presets")
+    lab = sub.add_parser("lab", help="rehearse a deployment (SuperLink + N SuperNodes) here")
+    add_lab_arguments(lab)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "lab":
+        raise SystemExit(lab_main(args, argv[1:]))
     if args.command == "presets":
         for group in PRESET_GROUPS:
             print(f"{group}: {', '.join(available_presets(group))}")

@@ -59,7 +59,7 @@ def finish(msg: Message, context: Context) -> Message:
 def _handshake(msg: Message, context: Context) -> dict[str, Any]:
     request = msg.content["request"]
     rank = _rank(context)
-    _barrier(request, rank)
+    _barrier(request, rank, _store_host(request, context))
     node = _node(context)
     return {
         "rank": rank,
@@ -156,7 +156,7 @@ def _plan(msg: Message, context: Context) -> PhasePlan:
         round=int(req["round"]),
         blocks=[int(b) for b in req["blocks"]],
         steps=int(req["steps"]),
-        store_host=str(context.node_config.get("store-host", req["store_host"])),
+        store_host=_store_host(req, context),
         store_port=int(req["store_port"]),
         group_name=str(req["group_name"]),
         rank=rank,
@@ -167,13 +167,26 @@ def _plan(msg: Message, context: Context) -> PhasePlan:
     )
 
 
-def _barrier(request: ConfigRecord, rank: int) -> None:
+def _store_host(request: ConfigRecord, context: Context) -> str:
+    """The gossip store's address: the site's `store-host` if set, else the coordinator's."""
+    return str(context.node_config.get("store-host", request["store_host"]))
+
+
+def _barrier(request: ConfigRecord, rank: int, host: str) -> None:
     """Arrive at the coordinator's store and wait until all peers have arrived."""
-    host, port = str(request["store_host"]), int(request["store_port"])
+    port = int(request["store_port"])
     world, timeout = int(request["world_size"]), float(request["barrier_timeout_s"])
-    store = TCPStore(
-        host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
-    )
+    try:
+        store = TCPStore(
+            host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+        )
+    except Exception as err:  # DistNetworkError, TimeoutError, socket errors
+        raise ConnectionError(
+            f"rank {rank} could not reach the gossip store at {host}:{port} within {timeout:.0f} "
+            f"s ({type(err).__name__}). Set gossip.advertise_host (run config overrides) to an "
+            "address of the coordinator's host that every site can reach, or the site's "
+            "`store-host` in --node-config, and open that port (gossip.store_port) to the sites"
+        ) from None
     key = f"{request['group_name']}/arrived"
     failed = f"{request['group_name']}/gave-up"
     store.add(key, 1)

@@ -1,0 +1,353 @@
+"""One lab deployment, start to teardown: SuperLink, registered keys, SuperNodes, a run.
+
+    lab = Lab(LabSpec(sites=3, run_config='preset-model="tiny"'))
+    out_dir = lab.run()        # the run's output directory; everything torn down after
+
+The lab writes its working files (certificates, keys, each host's FLWR_HOME, state dirs and
+logs) under `work_dir`, and copies the logs and a `lab.json` (mode, node ids, interface
+byte counters, every command run) into the run's output directory under `lab/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deca_flower.lab.certs import make_node_key, make_server_certificates
+from deca_flower.lab.flwr_cli import FlwrCli, FlwrCliError
+from deca_flower.lab.hosts import Hosts, Site, free_port, make_hosts
+from deca_flower.lab.processes import Processes
+
+CONNECTION = "lab"
+SUPERLINK_PORT = 8000
+# A restarted SuperNode is refused while its old session still looks online.
+NODE_ONLINE_TIMEOUT_S = 120.0
+
+
+class LabError(RuntimeError):
+    """The deployment could not be brought up or the run failed; the message says why."""
+
+
+@dataclass
+class LabSpec:
+    sites: int = 3
+    run_config: list[str] = field(default_factory=list)  # passed to `flwr run` unchanged
+    loopback: bool = False
+    app_dir: Path = field(default_factory=Path.cwd)
+    work_dir: Path | None = None  # default: a fresh temporary directory, removed at the end
+    timeout_s: float = 3600.0
+    bandwidth: str | None = None  # e.g. "100mbit": shape every site's link (namespaces only)
+    # Rehearsing mistakes (used by the tests, and by users who want to see the errors):
+    node_config: dict[int, str] = field(default_factory=dict)  # site -> extra node config
+    unregistered: set[int] = field(default_factory=set)  # sites whose key is not registered
+    quiet: bool = False
+
+
+class Lab:
+    def __init__(self, spec: LabSpec, hosts: Hosts | None = None) -> None:
+        if spec.sites < 2:
+            raise LabError(f"--sites {spec.sites}: a DECA deployment needs at least 2 sites")
+        self.spec = spec
+        self.hosts = hosts or make_hosts(spec.sites, spec.loopback)
+        self.own_work_dir = spec.work_dir is None
+        self.work = Path(spec.work_dir or tempfile.mkdtemp(prefix="deca-lab-")).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.processes = Processes()
+        self.env = _base_env()
+        self.node_ids: dict[int, int] = {}
+        self.record: dict[str, Any] = {"mode": self.hosts.mode, "sites": spec.sites}
+
+    # ------------------------------------------------------------------ the whole lab
+
+    def run(self) -> Path:
+        try:
+            self.up()
+            run_id = self.submit()
+            status = self.wait(run_id)
+            return self.collect(run_id, status)
+        finally:
+            self.down()
+
+    def up(self) -> None:
+        self.hosts.setup()
+        if self.spec.bandwidth:
+            self.hosts.shape(self.spec.bandwidth)
+            self.say(f"every site's link shaped to {self.spec.bandwidth} (tc tbf)")
+        self.port = SUPERLINK_PORT if self.hosts.mode == "namespaces" else free_port()
+        self.address = f"{self.hosts.hub_address}:{self.port}"
+        self.certs = make_server_certificates(
+            self.work / "certs", ["localhost", "127.0.0.1", self.hosts.hub_address]
+        )
+        self.cli = FlwrCli(self.work / "cli", CONNECTION, self.env, self.work / "commands.log")
+        self.cli.write_config(self.address, self.certs.ca_cert)
+        self.start_superlink()
+        self.keys = {s.index: make_node_key(self.work / "keys", s.name) for s in self.sites}
+        for site in self.sites:
+            if site.index not in self.spec.unregistered:
+                self.node_ids[site.index] = self.cli.register(self.keys[site.index].public)
+        for site in self.sites:
+            self.start_site(site)
+        self.wait_online()
+
+    def down(self) -> None:
+        self.processes.stop_all()
+        if self.own_work_dir:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    @property
+    def sites(self) -> list[Site]:
+        return self.hosts.sites
+
+    # ------------------------------------------------------------------ hosts
+
+    def start_superlink(self) -> None:
+        host = "0.0.0.0" if self.hosts.mode == "namespaces" else "127.0.0.1"
+        argv = [
+            "flower-superlink",
+            "--ssl-ca-certfile", str(self.certs.ca_cert),
+            "--ssl-certfile", str(self.certs.server_cert),
+            "--ssl-keyfile", str(self.certs.server_key),
+            "--host", host, "--port", str(self.port),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        home = self.work / "superlink"
+        home.mkdir(exist_ok=True)
+        self._log_command(argv)
+        self.processes.start(
+            "superlink",
+            self.hosts.command(None, argv),
+            {**self.env, "FLWR_HOME": str(home)},
+            self.work / "superlink.log",
+        )
+        self.say(f"SuperLink on https://{self.address} (TLS, SuperNode auth on)")
+        self._wait_for(lambda: self._superlink_ready(), 60, "the SuperLink to accept requests")
+
+    def _superlink_ready(self) -> bool:
+        if not self.processes.alive("superlink"):
+            raise LabError(f"flower-superlink exited:\n{_tail(self.work / 'superlink.log')}")
+        try:
+            self.cli.node_status()
+            return True
+        except FlwrCliError:
+            return False
+
+    def start_site(self, site: Site) -> None:
+        home, state = self.work / site.name / "flwr", self.work / site.name / "state"
+        home.mkdir(parents=True, exist_ok=True)
+        state.mkdir(parents=True, exist_ok=True)
+        node_config = (
+            f'partition-id={site.index - 1} num-partitions={self.spec.sites} '
+            f'state-dir="{state}" store-host="{self.hosts.hub_address}"'
+        )
+        if site.index in self.spec.node_config:
+            node_config += " " + self.spec.node_config[site.index]
+        argv = [
+            "flower-supernode",
+            "--superlink", self.address,
+            "--root-certificates", str(self.certs.ca_cert),
+            "--auth-supernode-private-key", str(self.keys[site.index].private),
+            "--host", "127.0.0.1", "--port", str(site.clientappio_port),
+            "--max-retries", "0",
+            "--node-config", node_config,
+        ]  # fmt: skip
+        self._log_command(argv)
+        env = {**self.env, "FLWR_HOME": str(home), "GLOO_SOCKET_IFNAME": self.hosts.gloo_interface}
+        self.processes.start(
+            site.name, self.hosts.command(site, argv), env, self.work / f"{site.name}.log"
+        )
+
+    def wait_online(self) -> None:
+        deadline = time.monotonic() + NODE_ONLINE_TIMEOUT_S
+        while True:
+            for site in self.sites:
+                if not self.processes.alive(site.name):
+                    raise LabError(self._site_exit_reason(site))
+            status = self.cli.node_status()
+            online = [s for s in self.sites if status.get(self.node_ids.get(s.index)) == "online"]
+            if len(online) == len(self.sites):
+                break
+            if time.monotonic() > deadline:
+                waiting = [s.name for s in self.sites if s not in online]
+                raise LabError(f"SuperNodes of {waiting} did not come online within "
+                               f"{NODE_ONLINE_TIMEOUT_S:.0f} s; see their logs in {self.work}")
+            time.sleep(0.5)
+        self.say(f"{len(self.sites)} SuperNodes online ({self.hosts.mode}): " + ", ".join(
+            f"{s.name}={s.address} node {self.node_ids[s.index]}" for s in self.sites))
+
+    def _site_exit_reason(self, site: Site) -> str:
+        log = _tail(self.work / f"{site.name}.log")
+        if site.index in self.spec.unregistered or "412" in log or "not registered" in log:
+            return (
+                f"{site.name} (partition-id={site.index - 1}): its SuperNode was refused by the "
+                f"SuperLink because its public key {self.keys[site.index].public} is not "
+                f"registered. Register it first: `flwr supernode register "
+                f"{self.keys[site.index].public} {CONNECTION}`.\n{log}"
+            )
+        return f"{site.name}: flower-supernode exited before the run:\n{log}"
+
+    # ------------------------------------------------------------------ the run
+
+    def submit(self) -> int:
+        user = _parsed(self.spec.run_config)
+        if int(user.get("num-clients", self.spec.sites)) != self.spec.sites:
+            raise LabError(
+                f"--run-config sets num-clients={user['num-clients']} but the lab has "
+                f"--sites {self.spec.sites}: drop num-clients or make them equal"
+            )
+        # The coordinator runs elsewhere (on the hub): give it the absolute output path.
+        self.output_base = Path(str(user.get("output-dir", "outputs"))).resolve()
+        self.existing_runs = set(self.output_base.glob("*"))
+        run_config = [
+            *self.spec.run_config,
+            f"num-clients={self.spec.sites}",
+            f'output-dir="{self.output_base}"',
+        ]
+        run_id = self.cli.submit(self.spec.app_dir.resolve(), run_config)
+        self.say(f"submitted run {run_id}: flwr run {self.spec.app_dir} {CONNECTION} " +
+                 " ".join(f"--run-config {shlex.quote(rc)}" for rc in run_config))
+        self.record["run_config"] = run_config
+        self.bytes_before = {s.index: self.hosts.bytes_sent(s) for s in self.sites}
+        return run_id
+
+    def wait(self, run_id: int) -> str:
+        streamer = self._stream_logs(run_id)
+        deadline = time.monotonic() + self.spec.timeout_s
+        status = ""
+        while time.monotonic() < deadline:
+            status = self.cli.run_status(run_id)
+            if status.startswith("finished"):
+                break
+            time.sleep(1.0)
+        else:
+            self.cli.run("stop", str(run_id), CONNECTION)
+            raise LabError(f"run {run_id} did not finish within {self.spec.timeout_s:.0f} s "
+                           f"(--timeout); last status {status!r}")
+        time.sleep(1.5)  # let the log stream drain
+        self.processes.stop("log-stream", grace_s=2.0)
+        streamer.join(timeout=5)
+        self.say(f"run {run_id}: {status}")
+        return status
+
+    def _stream_logs(self, run_id: int) -> threading.Thread:
+        log = self.work / "run.log"
+        started = self.processes.start(
+            "log-stream",
+            ["flwr", "log", str(run_id), CONNECTION, "--stream"],
+            self.cli.env,
+            log,
+        )
+        thread = threading.Thread(target=self._echo, args=(log, started), daemon=True)
+        thread.start()
+        return thread
+
+    def _echo(self, log: Path, started) -> None:
+        """Print the run's own progress lines as they arrive (the coordinator's log)."""
+        position = 0
+        while True:
+            running = started.popen.poll() is None
+            with log.open("rb") as f:
+                f.seek(position)
+                chunk = f.read()
+            position += len(chunk)
+            for line in chunk.decode(errors="replace").splitlines():
+                if line.strip() and not self.spec.quiet:
+                    print(f"  | {line}", flush=True)
+            if not running:
+                return
+            time.sleep(0.5)
+
+    def collect(self, run_id: int, status: str) -> Path:
+        self.record.update(
+            run_id=run_id,
+            status=status,
+            node_ids={str(i): n for i, n in self.node_ids.items()},
+            site_addresses={s.name: s.address for s in self.sites},
+            interface_bytes_sent=self._bytes_sent(),
+            commands=(self.work / "commands.log").read_text().splitlines(),
+        )
+        out = self._run_dir(run_id, status)
+        lab_dir = out / "lab"
+        lab_dir.mkdir(parents=True, exist_ok=True)
+        for log in self.work.glob("*.log"):
+            shutil.copy(log, lab_dir / log.name)
+        (lab_dir / "lab.json").write_text(json.dumps(self.record, indent=2))
+        if status != "finished:completed":
+            raise LabError(
+                f"run {run_id} ended {status}; outputs and logs in {out}\n"
+                f"{_tail(self.work / 'run.log', 40)}"
+            )
+        return out
+
+    def _bytes_sent(self) -> dict[str, int] | None:
+        if self.hosts.mode != "namespaces":
+            return None
+        return {
+            s.name: self.hosts.bytes_sent(s) - self.bytes_before[s.index] for s in self.sites
+        }
+
+    def _run_dir(self, run_id: int, status: str) -> Path:
+        """The directory this run's coordinator wrote (finished or `.incomplete`)."""
+        new = sorted(set(self.output_base.glob("*")) - self.existing_runs)
+        if new:
+            return new[-1]
+        fallback = self.output_base / f"lab-run-{run_id}-{status.replace(':', '-')}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+    # ------------------------------------------------------------------ helpers
+
+    def kill_site(self, site: Site, sig: int = signal.SIGKILL) -> None:
+        self.processes.signal(site.name, sig)
+
+    def say(self, line: str) -> None:
+        if not self.spec.quiet:
+            print(f"[lab] {line}", flush=True)
+
+    def _log_command(self, argv: list[str]) -> None:
+        with (self.work / "commands.log").open("a") as log:
+            log.write(shlex.join(argv) + "\n")
+
+    @staticmethod
+    def _wait_for(ready, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                raise LabError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            time.sleep(0.3)
+
+
+def _base_env() -> dict[str, str]:
+    """What every lab process inherits: this venv first on PATH, offline, one thread."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _parsed(run_config: list[str]) -> dict[str, Any]:
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args(run_config) if run_config else {}
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

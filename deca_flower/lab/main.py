@@ -1,0 +1,60 @@
+"""`deca-flower lab`: the command line of the deployment lab."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from deca_flower.lab.deployment import Lab, LabError, LabSpec
+from deca_flower.lab.hosts import INSIDE_ENV, namespace_support, reexec_in_private_namespace
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=int, default=3, help="number of sites (SuperNodes)")
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help="passed to `flwr run` unchanged (repeatable), e.g. 'preset-model=\"tiny\"'",
+    )
+    parser.add_argument(
+        "--loopback", action="store_true", help="all sites on 127.0.0.1, no namespaces"
+    )
+    parser.add_argument("--app", type=Path, default=Path.cwd(), help="the app directory")
+    parser.add_argument("--work-dir", type=Path, help="keep the lab's files here")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    parser.add_argument("--bandwidth", help="shape every site's link, e.g. 100mbit (tc tbf)")
+
+
+def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import os
+
+    if not args.loopback and os.environ.get(INSIDE_ENV) != "1":
+        ok, reason = namespace_support()
+        if ok:
+            print(f"[lab] mode: namespaces, every site its own host ({reason})", flush=True)
+            return reexec_in_private_namespace(
+                [sys.executable, "-m", "deca_flower.cli", "lab", *argv]
+            )
+        print(f"[lab] mode: loopback, distinct ports ({reason})", flush=True)
+        args.loopback = True
+    elif args.loopback:
+        print("[lab] mode: loopback, distinct ports (--loopback)", flush=True)
+    spec = LabSpec(
+        sites=args.sites,
+        run_config=args.run_config,
+        loopback=args.loopback,
+        app_dir=args.app,
+        work_dir=args.work_dir,
+        timeout_s=args.timeout,
+        bandwidth=args.bandwidth,
+    )
+    try:
+        out = Lab(spec).run()
+    except LabError as err:
+        print(f"lab error: {err}", file=sys.stderr, flush=True)
+        return 1
+    print(out, flush=True)
+    return 0
