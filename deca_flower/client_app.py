@@ -1,206 +1,81 @@
-"""Flower ClientApp: one DECA peer per SuperNode, a thin adapter over `deca_flower.node`.
+"""Flower ClientApp: one DECA peer per SuperNode, a thin adapter over `deca_flower.node_service`.
 
 Message types (sent by `server_app.py`):
-- `query.handshake`: report rank, data shard facts and device; join a barrier on the
-  coordinator's store so the coordinator learns whether all peers can run at once.
+- `query.handshake`: report rank, data shard facts, device and what the site loaded (config,
+  model and data fingerprints); join a barrier on the coordinator's store so the coordinator
+  learns whether all peers can run at once.
 - `train.deca`: run one phase (S inner steps per block, gossip every step); reply metrics.
 - `evaluate.deca`: score the local test slice (labels, or perplexity / ROUGE-L for
   instruction tuning), also with the network average.
 - `query.finish`: optionally export the final model; drop a simulated node's scratch state.
 
 Node config (`--node-config`, deployment): `partition-id`, `num-partitions`, `state-dir`,
-`data-path`, `store-host`; see docs/deployment.md.
+`data-path`, `store-host`, `resident-worker` (default true), `worker-idle-s`; see
+docs/deployment.md.
+
+In deployment (a `state-dir` is set) each message goes to the site's resident worker
+(`resident.py`), which keeps the model loaded: the SuperNode's fresh ClientApp process per
+message then costs a process start, not a torch import and a model load. In simulation the
+Ray actors already live across messages, and the handler runs in this process.
 
 Replies carry only scalars and short lists: parameters never travel through Flower.
+This module imports neither torch nor the algorithm core at import time.
 """
 
 from __future__ import annotations
 
-import os
-import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from torch.distributed import TCPStore
-
-from deca_flower.flower_config import config_from_run_config
-from deca_flower.node import PhasePlan, get_node
 
 app = ClientApp()
 
 
 @app.query("handshake")
 def handshake(msg: Message, context: Context) -> Message:
-    return _reply(msg, lambda: _handshake(msg, context))
+    return _reply(msg, _handle("handshake", msg, context))
 
 
 @app.train("deca")
 def train(msg: Message, context: Context) -> Message:
-    return _reply(msg, lambda: _train(msg, context))
+    return _reply(msg, _handle("train", msg, context))
 
 
 @app.evaluate("deca")
 def evaluate(msg: Message, context: Context) -> Message:
-    return _reply(msg, lambda: _evaluate(msg, context))
+    return _reply(msg, _handle("evaluate", msg, context))
 
 
 @app.query("finish")
 def finish(msg: Message, context: Context) -> Message:
-    return _reply(msg, lambda: _finish(msg, context))
+    return _reply(msg, _handle("finish", msg, context))
 
 
-# ---------------------------------------------------------------------- handlers
-
-
-def _handshake(msg: Message, context: Context) -> dict[str, Any]:
-    request = msg.content["request"]
-    rank = _rank(context)
-    _barrier(request, rank, _store_host(request, context))
-    node = _node(context)
-    return {
-        "rank": rank,
-        "num_partitions": int(context.node_config.get("num-partitions", -1)),
-        "hostname": os.uname().nodename,
-        "device": str(node.device),
-        "num_blocks": node.peer.partition.num_blocks,
-        "steps_per_phase": node.steps_per_phase,
-        "label_counts": node.label_counts(),
-        "last_phase": node.last_phase,
+def _handle(kind: str, msg: Message, context: Context) -> dict[str, Any]:
+    message = {
+        "kind": kind,
+        "request": dict(msg.content["request"]),
+        "run_config": dict(context.run_config),
+        "node_config": dict(context.node_config),
+        "run_id": int(context.run_id),
     }
+    node_config = context.node_config
+    resident = str(node_config.get("resident-worker", "true")).lower() not in ("false", "0")
+    if node_config.get("state-dir") and resident:
+        from deca_flower import resident as worker
+
+        idle_s = float(node_config.get("worker-idle-s", worker.DEFAULT_IDLE_S))
+        try:
+            return worker.call(message, Path(str(node_config["state-dir"])), idle_s)
+        except worker.ResidentWorkerError as err:
+            return {"error": f"ResidentWorkerError: {err}", "rank": node_config.get(
+                "partition-id", "?")}
+    from deca_flower import node_service
+
+    return node_service.handle(node_service.NodeRequest(**message))
 
 
-def _train(msg: Message, context: Context) -> dict[str, Any]:
-    plan = _plan(msg, context)
-    node = _node(context)
-    stats = node.run_phase(plan)
-    return {"rank": plan.rank, **stats}
-
-
-def _evaluate(msg: Message, context: Context) -> dict[str, Any]:
-    plan = _plan(msg, context)
-    node = _node(context)
-    zero_shot = bool(msg.content["request"].get("zero_shot", False))
-    out = node.evaluate(plan, zero_shot=zero_shot)
-    # A ConfigRecord is flat: {"metrics": {"rouge_l": x}} travels as {"metrics.rouge_l": x}.
-    flat = {
-        f"{key}.{name}": v
-        for key, value in out.items()
-        if isinstance(value, dict)
-        for name, v in value.items()
-    }
-    return {"rank": plan.rank, **{k: v for k, v in out.items() if not isinstance(v, dict)}, **flat}
-
-
-def _finish(msg: Message, context: Context) -> dict[str, Any]:
-    """Export the final model if asked; a simulated node's state store is scratch space."""
-    request = msg.content["request"]
-    node = _node(context)
-    out: dict[str, Any] = {"rank": node.rank}
-    if request["export_models"]:
-        out["exported"] = str(node.export_model())
-    deployed = bool(context.node_config.get("state-dir"))
-    if not deployed and not request["keep_state"]:
-        node.delete_state()
-    return out
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _reply(msg: Message, handler) -> Message:
-    """Run a handler; turn any failure into an `error` entry the coordinator reports."""
-    try:
-        payload = handler()
-    except Exception as err:  # noqa: BLE001 - every failure must reach the coordinator
-        payload = {
-            "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc()[-4000:],
-        }
+def _reply(msg: Message, payload: dict[str, Any]) -> Message:
     return Message(RecordDict({"reply": ConfigRecord(payload)}), reply_to=msg)
-
-
-def _rank(context: Context) -> int:
-    if "partition-id" not in context.node_config:
-        raise KeyError(
-            "this SuperNode has no partition-id: start it with --node-config "
-            "'partition-id=<rank> num-partitions=<n>'"
-        )
-    return int(context.node_config["partition-id"])
-
-
-def _node(context: Context):
-    cfg = config_from_run_config(context.run_config)
-    rank = _rank(context)
-    run_key = f"{context.run_id}"
-    data_path = context.node_config.get("data-path") or None
-    return get_node(cfg, rank, _state_dir(context, cfg, rank), run_key, data_path)
-
-
-def _state_dir(context: Context, cfg, rank: int) -> Path:
-    """`state-dir` from --node-config in deployment; under the run's output dir in simulation."""
-    base = context.node_config.get("state-dir")
-    if base:
-        return Path(str(base)) / f"run-{context.run_id}"
-    return Path(cfg.output_dir).resolve() / "state" / f"run-{context.run_id}" / f"node-{rank}"
-
-
-def _plan(msg: Message, context: Context) -> PhasePlan:
-    req = msg.content["request"]
-    rank = _rank(context)
-    return PhasePlan(
-        phase=int(req["phase"]),
-        round=int(req["round"]),
-        blocks=[int(b) for b in req["blocks"]],
-        steps=int(req["steps"]),
-        store_host=_store_host(req, context),
-        store_port=int(req["store_port"]),
-        group_name=str(req["group_name"]),
-        rank=rank,
-        world_size=int(req["world_size"]),
-        neighbours=[int(j) for j in req["neighbours"]],
-        weights=[float(w) for w in req["weights"]],
-        self_weight=float(req["self_weight"]),
-    )
-
-
-def _store_host(request: ConfigRecord, context: Context) -> str:
-    """The gossip store's address: the site's `store-host` if set, else the coordinator's."""
-    return str(context.node_config.get("store-host", request["store_host"]))
-
-
-def _barrier(request: ConfigRecord, rank: int, host: str) -> None:
-    """Arrive at the coordinator's store and wait until all peers have arrived."""
-    port = int(request["store_port"])
-    world, timeout = int(request["world_size"]), float(request["barrier_timeout_s"])
-    try:
-        store = TCPStore(
-            host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
-        )
-    except Exception as err:  # DistNetworkError, TimeoutError, socket errors
-        raise ConnectionError(
-            f"rank {rank} could not reach the gossip store at {host}:{port} within {timeout:.0f} "
-            f"s ({type(err).__name__}). Set gossip.advertise_host (run config overrides) to an "
-            "address of the coordinator's host that every site can reach, or the site's "
-            "`store-host` in --node-config, and open that port (gossip.store_port) to the sites"
-        ) from None
-    key = f"{request['group_name']}/arrived"
-    failed = f"{request['group_name']}/gave-up"
-    store.add(key, 1)
-    deadline = time.monotonic() + timeout
-    while (arrived := store.add(key, 0)) < world:
-        if time.monotonic() > deadline:
-            store.add(failed, 1)
-            raise TimeoutError(
-                f"only {arrived} of {world} DECA peers were running at the same time after "
-                f"{timeout:.0f} s (rank {rank} waited)"
-            )
-        time.sleep(0.2)
-    if store.add(failed, 0):  # we arrived last, after others had given up waiting for us
-        raise TimeoutError(
-            f"rank {rank} arrived after other peers gave up: not all {world} DECA peers were "
-            "running at the same time"
-        )

@@ -119,7 +119,9 @@ class GossipConfig:
 
 @dataclass
 class FlowerConfig:
-    phase: str = "block"  # block: one message per (round, block); round: one per round
+    # One Flower message per phase. block: per (round, block); round: per round; auto: block in
+    # simulation, round in deployment, where each message costs seconds of Flower polling.
+    phase: str = "auto"
     min_nodes_wait_s: float = 120.0  # how long the coordinator waits for SuperNodes
     barrier_timeout_s: float = 120.0  # how long peers wait for each other at the handshake
     phase_timeout_s: float = 7200.0  # longest a phase (or an evaluation) may take
@@ -153,7 +155,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.wire_dtype": ("float32", "model"),
     "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
-    "flower.phase": ("block", "round"),
+    "flower.phase": ("auto", "block", "round"),
 }
 
 POSITIVE = (

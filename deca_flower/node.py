@@ -131,6 +131,7 @@ class Node:
             "communication_s": 0.0,
             "bytes_sent": 0,
             "bytes_received": 0,
+            "commit_s": 0.0,
         }
         with self._group(plan) as group:
             for k in plan.blocks:
@@ -141,12 +142,14 @@ class Node:
                     stats["block_numel"] = peer.opt.numel
                 finally:
                     peer.end_block()
+                t0 = time.perf_counter()
                 self.store.save_block(
                     k,
                     peer.partition.named_parameters(k),
                     plan.phase,
                     extra={"stream": peer.stream.state_dict()},
                 )
+                stats["commit_s"] += time.perf_counter() - t0
             stats["bytes_sent"] = group.stats.bytes_sent
             stats["bytes_received"] = group.stats.bytes_received
         self.last_phase = plan.phase
@@ -270,6 +273,25 @@ class Node:
         with contextlib.suppress(OSError):  # the last node of the run removes the run dir
             self.store.root.parent.rmdir()
         _NODES.clear()
+
+    def model_fingerprint(self) -> str:
+        """What this site loaded as the base model and tokenizer, for the coordinator to
+        compare across sites: names, shapes, dtypes and a few values of every tensor, the
+        architecture config, and the tokenizer's vocabulary and special tokens."""
+        h = hashlib.sha256()
+        h.update(self.peer.model.config.to_json_string(use_diff=False).encode())
+        for name, t in self.peer.model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(flat[:64].float().cpu().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        h.update(repr((vocab, self.tokenizer.all_special_tokens)).encode())
+        return h.hexdigest()[:16]
+
+    def data_fingerprint(self) -> str:
+        """The task this site's data defines (labels, prompts), not the rows it holds."""
+        return hashlib.sha256(repr(self.run_data.task).encode()).hexdigest()[:16]
 
     def label_counts(self) -> list[int]:
         if is_generation_task(self.cfg.data.name):

@@ -212,6 +212,37 @@ def plot_label_counts(counts: list[list[int]], path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
+def phase_time_split(wall_s: float, phase: dict[str, Any]) -> dict[str, float]:
+    """Where a phase's wall time went, averaged over the nodes.
+
+    `startup_s` is the wall time outside the nodes' handlers: Flower messaging and polling,
+    the ClientApp process start and the hop to a resident worker. `load_s` is building or
+    refreshing the node inside the handler (imports, model and state load), `commit_s`
+    writing the trained blocks to the state store. `non_training_share` is everything but
+    the steps themselves (forward, backward, optimizer) and their gossip, over the wall time.
+    """
+    n = len(phase["forward_s"])
+
+    def mean(key: str) -> float:
+        return sum(float(v or 0.0) for v in phase[key]) / n
+
+    training = mean("forward_s") + mean("backward_s") + mean("optimizer_s")
+    communication = mean("communication_s")
+    handler = mean("handler_s")
+    split = {
+        "wall_s": wall_s,
+        "startup_s": max(0.0, wall_s - handler),
+        "load_s": mean("load_s"),
+        "training_s": training,
+        "communication_s": communication,
+        "commit_s": mean("commit_s"),
+    }
+    split["other_s"] = max(0.0, handler - split["load_s"] - training - communication
+                           - split["commit_s"])
+    split["non_training_share"] = max(0.0, 1.0 - (training + communication) / wall_s)
+    return split
+
+
 def format_eval(record: dict[str, Any]) -> str:
     tag = "zero-shot" if record["round"] == -1 else f"after round {record['round'] + 1}"
     mean = record["client_mean"]

@@ -33,6 +33,7 @@ from deca_flower.reporting import (
     Progress,
     RunDir,
     format_eval,
+    phase_time_split,
     plot_label_counts,
     plot_run,
     read_metrics,
@@ -45,6 +46,35 @@ app = ServerApp()
 
 # Replies carry metrics only; anything near a block's size would mean parameters leak.
 MAX_REPLY_VALUES = 100_000
+REPLY_POLL_S = 0.25  # Grid.send_and_receive polls every 3 s: too slow for short phases
+
+# Flower's error codes (flwr.common.constant.ErrorCode) and what a site's admin should do.
+_ERROR_NAMES = {
+    0: "UNKNOWN",
+    1: "LOAD_CLIENT_APP_EXCEPTION",
+    2: "CLIENT_APP_RAISED_EXCEPTION",
+    3: "MESSAGE_UNAVAILABLE",
+    4: "REPLY_MESSAGE_UNAVAILABLE",
+    5: "NODE_UNAVAILABLE",
+    6: "MOD_FAILED_PRECONDITION",
+    7: "INVALID_FAB",
+    8: "CLIENT_APP_CRASHED",
+}
+_ERROR_HINTS = {
+    0: "See the site's SuperNode log.",
+    1: "The site could not load the ClientApp: check that the app's dependencies are "
+    "installed in the SuperNode's environment and that its bin directory is on PATH.",
+    2: "The ClientApp raised: the site's SuperNode log has the traceback.",
+    3: "The message expired (TTL = flower.phase_timeout_s) before the site pulled it: the "
+    "site was offline or busy; raise flower.phase_timeout_s if phases are that long.",
+    4: "The site's reply expired before the coordinator read it: raise flower.phase_timeout_s.",
+    5: "The site went offline (no heartbeat for 60 s). Restart its SuperNode with the same "
+    "--auth-supernode-private-key and state-dir once `flwr supernode list` shows it offline.",
+    6: "A ClientApp mod refused the message: check the site's mods.",
+    7: "The site rejected the app bundle (FAB): check the site's flwr version and disk space.",
+    8: "The site's ClientApp process died (killed or out of memory) while its SuperNode lives: "
+    "check memory on that host and the SuperNode log.",
+}
 
 
 class CoordinatorError(RuntimeError):
@@ -66,6 +96,7 @@ class Coordinator:
             "0.0.0.0", cfg.gossip.store_port, timeout_s=cfg.gossip.timeout_s
         )
         self.rank_to_node: dict[int, int] = {}
+        self.hostnames: dict[int, str] = {}
         self.phase = 0
         self.max_reply_values = 0
 
@@ -87,7 +118,7 @@ class Coordinator:
         self.run_dir = run_dir
         run_dir.write_text("config.yaml", to_yaml(self.cfg))
         self._log_setup(info, num_blocks)
-        progress = Progress(self.cfg.train.rounds * num_blocks)
+        progress = Progress(self.cfg.train.rounds * len(self._phases(0, num_blocks)))
         self.progress = progress
         if self.cfg.eval.zero_shot:
             self._evaluate(-1)
@@ -130,7 +161,17 @@ class Coordinator:
 
     def _phases(self, t: int, num_blocks: int) -> list[list[int]]:
         order = block_order(num_blocks, self.cfg.train.block_order, t, self.cfg.seed)
-        return [order] if self.cfg.flower.phase == "round" else [[k] for k in order]
+        return [order] if self.phase_length == "round" else [[k] for k in order]
+
+    @property
+    def phase_length(self) -> str:
+        if self.cfg.flower.phase != "auto":
+            return self.cfg.flower.phase
+        return "block" if self.simulated else "round"
+
+    @property
+    def simulated(self) -> bool:
+        return type(self.grid).__name__ == "InMemoryGrid"
 
     # ------------------------------------------------------------------ nodes
 
@@ -141,7 +182,7 @@ class Coordinator:
         `ThreadPoolExecutor()` with Python's default size, min(32, CPUs + 4): no
         federation setting lifts that, so more peers than that would wait forever.
         """
-        if type(self.grid).__name__ != "InMemoryGrid":  # deployment: every node is a process
+        if not self.simulated:  # deployment: every node is a process
             return
         limit = min(32, (os.cpu_count() or 1) + 4)
         if self.n > limit:
@@ -174,30 +215,67 @@ class Coordinator:
         return node_ids
 
     def _handshake(self, node_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Learn every node's rank and check the sites agree before any of them trains."""
         request = self._common_request("handshake")
         request["barrier_timeout_s"] = self.cfg.flower.barrier_timeout_s
         replies = self._send({nid: request for nid in node_ids}, "query.handshake")
+        self.hostnames = {nid: str(r.get("hostname", "")) for nid, r in replies.items()}
         by_rank: dict[int, dict[str, Any]] = {}
-        for node_id, reply in replies.items():
+        for node_id, reply in sorted(replies.items()):
             rank = int(reply["rank"])
-            if rank in by_rank or not 0 <= rank < self.n:
+            if not 0 <= rank < self.n:
                 raise CoordinatorError(
-                    f"SuperNode {node_id} reports partition-id={rank}; every node needs a "
-                    f"distinct partition-id in 0..{self.n - 1} (--node-config)"
+                    f"{self._site(node_id)} reports partition-id={rank}; every site needs a "
+                    f"distinct partition-id in 0..{self.n - 1} (its --node-config)"
+                )
+            if rank in by_rank:
+                raise CoordinatorError(
+                    f"two sites have partition-id={rank}: SuperNode {self.rank_to_node[rank]}"
+                    f" on {self.hostnames[self.rank_to_node[rank]]} and SuperNode {node_id} on "
+                    f"{self.hostnames[node_id]}; give every site a distinct partition-id in "
+                    f"0..{self.n - 1} (its --node-config)"
+                )
+            partitions = int(reply.get("num_partitions", -1))
+            if partitions not in (-1, self.n):
+                raise CoordinatorError(
+                    f"{self._site(node_id)} has num-partitions={partitions} but the run has "
+                    f"num-clients={self.n}; set num-partitions={self.n} in its --node-config "
+                    f"or num-clients={partitions} in the run config"
                 )
             self.rank_to_node[rank] = node_id
             by_rank[rank] = reply
-        sizes = {r["num_blocks"] for r in by_rank.values()}
-        if len(sizes) != 1:
-            raise CoordinatorError(f"peers disagree on the number of blocks: {sorted(sizes)}")
+        self._check_sites_agree(by_rank)
         return by_rank
+
+    def _check_sites_agree(self, by_rank: dict[int, dict[str, Any]]) -> None:
+        """Same config, base model, tokenizer and task everywhere, or a named error."""
+        checks = {
+            "config_hash": "resolved config (run config, presets)",
+            "model_hash": "base model or tokenizer (model.name, its files on the site)",
+            "data_hash": "task (data.name, labels, prompt: data config and data-path)",
+            "num_blocks": "number of blocks (model layers, train.layers_per_block)",
+        }
+        for key, what in checks.items():
+            values = {r: by_rank[r].get(key) for r in by_rank}
+            if len(set(values.values())) > 1:
+                reference = by_rank[0].get(key)
+                differ = [r for r, v in values.items() if v != reference]
+                raise CoordinatorError(
+                    f"sites disagree on the {what}: "
+                    + ", ".join(f"{self._site(self.rank_to_node[r])} has {values[r]}" for r in
+                                differ)
+                    + f" but rank 0 has {reference}. Every site must load the same {what}; "
+                    "fix the differing sites before training"
+                )
 
     # ------------------------------------------------------------------ phases
 
     def _train_phase(self, t: int, blocks: list[int], global_step: int) -> int:
         request = self._common_request(f"phase{self.phase}")
         request.update({"round": t, "blocks": blocks, "steps": self.steps})
+        started = time.perf_counter()
         replies = self._send_to_ranks(request, "train.deca")
+        self.phase_wall_s = time.perf_counter() - started
         losses = [replies[r]["loss"] for r in range(self.n)]
         for s in range(len(losses[0])):
             k = blocks[s // self.steps]
@@ -211,9 +289,12 @@ class Coordinator:
                     "loss": [losses[r][s] for r in range(self.n)],
                 }
             )
-        self.run_dir.log(self._phase_record(t, blocks, replies))
+        record = self._phase_record(t, blocks, replies)
+        self.run_dir.log(record)
+        split = record["time_split"]
         self.progress.phase_done(
-            f"round {t + 1} block(s) {blocks[0]}" + ("..." if len(blocks) > 1 else ""),
+            f"round {t + 1} block(s) {blocks[0]}" + (f"-{blocks[-1]}" if len(blocks) > 1 else "")
+            + f" ({split['wall_s']:.1f} s, {100 * split['non_training_share']:.0f}% not training)",
             sum(loss[-1] for loss in losses) / self.n,
         )
         self.phase += 1
@@ -229,6 +310,9 @@ class Coordinator:
             "communication_s",
             "peak_memory_bytes",
             "train_state_bytes",
+            "commit_s",
+            "load_s",
+            "handler_s",
         )
         record = {
             "type": "phase",
@@ -237,7 +321,8 @@ class Coordinator:
             "blocks": blocks,
             "block_numel": replies[0].get("block_numel"),
         }
-        record.update({key: [replies[r][key] for r in range(self.n)] for key in keys})
+        record.update({key: [replies[r].get(key) for r in range(self.n)] for key in keys})
+        record["time_split"] = phase_time_split(self.phase_wall_s, record)
         return record
 
     def _evaluate(self, t: int) -> None:
@@ -311,46 +396,86 @@ class Coordinator:
         return {node_to_rank[nid]: reply for nid, reply in replies.items()}
 
     def _send(self, per_node: dict[int, dict[str, Any]], message_type: str) -> dict[int, dict]:
+        """One message per node; the replies, keyed by node, or an error naming every failure.
+
+        Replies are matched to the message they answer (`reply_to_message_id`), never by
+        their source id: an error made by the SuperLink on a node's behalf (a node that went
+        offline) carries the SuperLink's id. Messages expire after flower.phase_timeout_s
+        (their TTL), so a node that comes back later cannot pull a stale phase.
+        """
+        timeout = self.cfg.flower.phase_timeout_s
         messages = [
             Message(
                 RecordDict({"request": ConfigRecord(payload)}),
                 dst_node_id=nid,
                 message_type=message_type,
+                ttl=timeout,
             )
             for nid, payload in per_node.items()
         ]
-        timeout = self.cfg.flower.phase_timeout_s
-        replies = {
-            m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=timeout)
-        }
-        missing = sorted(set(per_node) - set(replies))
-        if missing:
+        ids = list(self.grid.push_messages(messages))
+        node_of = dict(zip(ids, per_node, strict=True))
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < len(ids) and time.monotonic() < deadline:
+            pending = [mid for mid in ids if node_of[mid] not in replies]
+            for msg in self.grid.pull_messages(pending):
+                nid = node_of.get(msg.metadata.reply_to_message_id)
+                if nid is not None:
+                    replies[nid] = msg
+            if len(replies) < len(ids):
+                time.sleep(REPLY_POLL_S)
+        failures = [
+            self._failure(nid, replies.get(nid), message_type, timeout) for nid in per_node
+        ]
+        failures = [f for f in failures if f]
+        if failures:
             raise CoordinatorError(
-                f"no reply to {message_type} from SuperNode(s) {missing} within "
-                f"{timeout:.0f} s (flower.phase_timeout_s); node states are committed up to "
-                "the last finished phase"
+                f"{len(failures)} of {len(per_node)} site(s) failed {message_type} (node states "
+                "stay committed up to the last finished phase):\n" + "\n".join(failures)
             )
-        return {nid: self._unpack(nid, msg, message_type) for nid, msg in replies.items()}
+        return {nid: self._unpack(nid, msg) for nid, msg in replies.items()}
 
-    def _unpack(self, node_id: int, msg: Message, message_type: str) -> dict[str, Any]:
+    def _site(self, node_id: int) -> str:
+        rank = next((r for r, n in self.rank_to_node.items() if n == node_id), None)
+        host = self.hostnames.get(node_id)
+        where = f" on {host}" if host else ""
+        return f"rank {'?' if rank is None else rank} (SuperNode {node_id}{where})"
+
+    def _failure(self, nid: int, msg: Message | None, message_type: str, timeout: float) -> str:
+        """'' if the reply is good, else one line naming the site, what failed and what to do."""
+        site = self._site(nid)
+        if msg is None:
+            return (
+                f"- {site}: no reply to {message_type} within {timeout:.0f} s "
+                "(flower.phase_timeout_s); check that its SuperNode is running and its log"
+            )
         if msg.has_error():
-            raise CoordinatorError(f"SuperNode {node_id} failed {message_type}: {msg.error.reason}")
+            hint = _ERROR_HINTS.get(msg.error.code, "see the site's SuperNode log")
+            return (
+                f"- {site}: Flower error {msg.error.code} ({_ERROR_NAMES.get(msg.error.code, '?')})"
+                f" for {message_type}: {msg.error.reason}. {hint}"
+            )
         if msg.content.array_records:
-            raise CoordinatorError(f"SuperNode {node_id} sent arrays to the coordinator")
+            return f"- {site} sent arrays to the coordinator: parameters must never travel here"
         reply = dict(msg.content["reply"])
         values = sum(len(v) if isinstance(v, list) else 1 for v in reply.values())
         self.max_reply_values = max(self.max_reply_values, values)
         if values > MAX_REPLY_VALUES:
-            raise CoordinatorError(f"SuperNode {node_id} sent {values} values: too large")
+            return f"- {site} sent {values} values: too large for metrics"
         if "error" in reply:
             hint = ""
             if "DECA peers were running at the same time" in reply["error"]:
                 hint = " " + _federation_hint(self.n)
-            raise CoordinatorError(
-                f"rank {reply.get('rank', '?')} (SuperNode {node_id}) failed {message_type}: "
-                f"{reply['error']}.{hint}\n--- peer traceback ---\n{reply.get('traceback', '')}"
+            return (
+                f"- {site} failed {message_type}: {reply['error']}.{hint}\n"
+                f"  --- peer traceback ---\n{reply.get('traceback', '')}"
             )
-        return reply
+        return ""
+
+    @staticmethod
+    def _unpack(node_id: int, msg: Message) -> dict[str, Any]:
+        return dict(msg.content["reply"])
 
     # ------------------------------------------------------------------ outputs
 

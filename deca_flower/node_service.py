@@ -1,0 +1,220 @@
+"""The node's message handlers on plain data: what a SuperNode does for each Flower message.
+
+Framework-free (no `flwr` import). `client_app.py` turns a Flower message into
+`(kind, request, run_config, node_config, run_id)` and calls :func:`handle`, either in its
+own process (simulation) or in the site's resident worker (`resident.py`, deployment), which
+keeps the model loaded between messages.
+
+Kinds: `handshake`, `train`, `evaluate`, `finish` (see `client_app.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from torch.distributed import TCPStore
+
+from deca_flower.flower_config import config_from_run_config
+from deca_flower.node import Node, PhasePlan, config_key, get_node
+
+
+class NodeRequest:
+    """One message's inputs, as plain values (picklable: it may cross to the worker)."""
+
+    def __init__(
+        self,
+        kind: str,
+        request: Mapping[str, Any],
+        run_config: Mapping[str, Any],
+        node_config: Mapping[str, Any],
+        run_id: int,
+    ) -> None:
+        self.kind = kind
+        self.request = dict(request)
+        self.run_config = dict(run_config)
+        self.node_config = dict(node_config)
+        self.run_id = run_id
+
+
+def handle(req: NodeRequest) -> dict[str, Any]:
+    """Run one handler; any failure becomes an `error` entry the coordinator reports."""
+    started = time.perf_counter()
+    try:
+        payload = _HANDLERS[req.kind](req)
+    except Exception as err:  # noqa: BLE001 - every failure must reach the coordinator
+        payload = {
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+    payload["handler_s"] = time.perf_counter() - started
+    return payload
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+def _handshake(req: NodeRequest) -> dict[str, Any]:
+    rank = _rank(req)
+    _barrier(req.request, rank, _store_host(req))
+    _check_data_path(req, rank)
+    node, load_s = _timed_node(req)
+    return {
+        "rank": rank,
+        "num_partitions": int(req.node_config.get("num-partitions", -1)),
+        "hostname": os.uname().nodename,
+        "device": str(node.device),
+        "num_blocks": node.peer.partition.num_blocks,
+        "steps_per_phase": node.steps_per_phase,
+        "label_counts": node.label_counts(),
+        "last_phase": node.last_phase,
+        "config_hash": config_key(node.cfg),
+        "model_hash": node.model_fingerprint(),
+        "data_hash": node.data_fingerprint(),
+        "load_s": load_s,
+    }
+
+
+def _train(req: NodeRequest) -> dict[str, Any]:
+    plan = _plan(req)
+    node, load_s = _timed_node(req)
+    stats = node.run_phase(plan)
+    return {"rank": plan.rank, "load_s": load_s, **stats}
+
+
+def _evaluate(req: NodeRequest) -> dict[str, Any]:
+    plan = _plan(req)
+    node, _ = _timed_node(req)
+    out = node.evaluate(plan, zero_shot=bool(req.request.get("zero_shot", False)))
+    # A ConfigRecord is flat: {"metrics": {"rouge_l": x}} travels as {"metrics.rouge_l": x}.
+    flat = {
+        f"{key}.{name}": v
+        for key, value in out.items()
+        if isinstance(value, dict)
+        for name, v in value.items()
+    }
+    return {"rank": plan.rank, **{k: v for k, v in out.items() if not isinstance(v, dict)}, **flat}
+
+
+def _finish(req: NodeRequest) -> dict[str, Any]:
+    """Export the final model if asked; a simulated node's state store is scratch space."""
+    node, _ = _timed_node(req)
+    out: dict[str, Any] = {"rank": node.rank}
+    if req.request["export_models"]:
+        out["exported"] = str(node.export_model())
+    deployed = bool(req.node_config.get("state-dir"))
+    if not deployed and not req.request["keep_state"]:
+        node.delete_state()
+    return out
+
+
+_HANDLERS: dict[str, Callable[[NodeRequest], dict[str, Any]]] = {
+    "handshake": _handshake,
+    "train": _train,
+    "evaluate": _evaluate,
+    "finish": _finish,
+}
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _rank(req: NodeRequest) -> int:
+    if "partition-id" not in req.node_config:
+        raise KeyError(
+            "this SuperNode has no partition-id: start it with --node-config "
+            "'partition-id=<rank> num-partitions=<n>'"
+        )
+    return int(req.node_config["partition-id"])
+
+
+def _timed_node(req: NodeRequest) -> tuple[Node, float]:
+    t0 = time.perf_counter()
+    cfg = config_from_run_config(req.run_config)
+    rank = _rank(req)
+    data_path = req.node_config.get("data-path") or None
+    node = get_node(cfg, rank, _state_dir(req, cfg, rank), str(req.run_id), data_path)
+    return node, time.perf_counter() - t0
+
+
+def _state_dir(req: NodeRequest, cfg, rank: int) -> Path:
+    """`state-dir` from --node-config in deployment; under the run's output dir in simulation."""
+    base = req.node_config.get("state-dir")
+    if base:
+        return Path(str(base)) / f"run-{req.run_id}"
+    return Path(cfg.output_dir).resolve() / "state" / f"run-{req.run_id}" / f"node-{rank}"
+
+
+def _check_data_path(req: NodeRequest, rank: int) -> None:
+    path = req.node_config.get("data-path")
+    if not path:
+        return
+    p = Path(str(path))
+    if not p.is_file() or not os.access(p, os.R_OK):
+        why = "does not exist" if not p.exists() else "is not a readable file"
+        raise FileNotFoundError(
+            f"rank {rank}: data-path {str(p)!r} {why} on host {os.uname().nodename}; fix "
+            "`data-path` in this SuperNode's --node-config"
+        )
+
+
+def _store_host(req: NodeRequest) -> str:
+    """The gossip store's address: the site's `store-host` if set, else the coordinator's."""
+    return str(req.node_config.get("store-host", req.request["store_host"]))
+
+
+def _plan(req: NodeRequest) -> PhasePlan:
+    r = req.request
+    return PhasePlan(
+        phase=int(r["phase"]),
+        round=int(r["round"]),
+        blocks=[int(b) for b in r["blocks"]],
+        steps=int(r["steps"]),
+        store_host=_store_host(req),
+        store_port=int(r["store_port"]),
+        group_name=str(r["group_name"]),
+        rank=_rank(req),
+        world_size=int(r["world_size"]),
+        neighbours=[int(j) for j in r["neighbours"]],
+        weights=[float(w) for w in r["weights"]],
+        self_weight=float(r["self_weight"]),
+    )
+
+
+def _barrier(request: Mapping[str, Any], rank: int, host: str) -> None:
+    """Arrive at the coordinator's store and wait until all peers have arrived."""
+    port = int(request["store_port"])
+    world, timeout = int(request["world_size"]), float(request["barrier_timeout_s"])
+    try:
+        store = TCPStore(
+            host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+        )
+    except Exception as err:  # DistNetworkError, TimeoutError, socket errors
+        raise ConnectionError(
+            f"rank {rank} could not reach the gossip store at {host}:{port} within {timeout:.0f} "
+            f"s ({type(err).__name__}). Set gossip.advertise_host (run config overrides) to an "
+            "address of the coordinator's host that every site can reach, or the site's "
+            "`store-host` in --node-config, and open that port (gossip.store_port) to the sites"
+        ) from None
+    key = f"{request['group_name']}/arrived"
+    failed = f"{request['group_name']}/gave-up"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout
+    while (arrived := store.add(key, 0)) < world:
+        if time.monotonic() > deadline:
+            store.add(failed, 1)
+            raise TimeoutError(
+                f"only {arrived} of {world} DECA peers were running at the same time after "
+                f"{timeout:.0f} s (rank {rank} waited)"
+            )
+        time.sleep(0.2)
+    if store.add(failed, 0):  # we arrived last, after others had given up waiting for us
+        raise TimeoutError(
+            f"rank {rank} arrived after other peers gave up: not all {world} DECA peers were "
+            "running at the same time"
+        )
