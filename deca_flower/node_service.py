@@ -73,7 +73,7 @@ def _handshake(req: NodeRequest) -> dict[str, Any]:
         "steps_per_phase": node.steps_per_phase,
         "label_counts": node.label_counts(),
         "last_phase": node.last_phase,
-        "config_hash": config_key(node.cfg),
+        "config_hash": config_key(config_from_run_config(req.run_config)),
         "model_hash": node.model_fingerprint(),
         "data_hash": node.data_fingerprint(),
         "load_s": load_s,
@@ -135,11 +135,21 @@ def _rank(req: NodeRequest) -> int:
 
 def _timed_node(req: NodeRequest) -> tuple[Node, float]:
     t0 = time.perf_counter()
-    cfg = config_from_run_config(req.run_config)
+    cfg = _site_config(req)
     rank = _rank(req)
     data_path = req.node_config.get("data-path") or None
     node = get_node(cfg, rank, _state_dir(req, cfg, rank), str(req.run_id), data_path)
     return node, time.perf_counter() - t0
+
+
+def _site_config(req: NodeRequest):
+    """The run's config with what only this site knows: where its copy of the model lives
+    (`model-name` in --node-config, e.g. a local directory). The coordinator compares the
+    model fingerprints, so a site whose copy differs is named before anyone trains."""
+    cfg = config_from_run_config(req.run_config)
+    if req.node_config.get("model-name"):
+        cfg.model.name = str(req.node_config["model-name"])
+    return cfg
 
 
 def _state_dir(req: NodeRequest, cfg, rank: int) -> Path:

@@ -225,7 +225,7 @@ class Coordinator:
             rank = int(reply["rank"])
             if not 0 <= rank < self.n:
                 raise CoordinatorError(
-                    f"{self._site(node_id)} reports partition-id={rank}; every site needs a "
+                    f"{self._site(node_id, rank)} reports partition-id={rank}; every site needs a "
                     f"distinct partition-id in 0..{self.n - 1} (its --node-config)"
                 )
             if rank in by_rank:
@@ -238,7 +238,7 @@ class Coordinator:
             partitions = int(reply.get("num_partitions", -1))
             if partitions not in (-1, self.n):
                 raise CoordinatorError(
-                    f"{self._site(node_id)} has num-partitions={partitions} but the run has "
+                    f"{self._site(node_id, rank)} has num-partitions={partitions} but the run has "
                     f"num-clients={self.n}; set num-partitions={self.n} in its --node-config "
                     f"or num-clients={partitions} in the run config"
                 )
@@ -436,8 +436,9 @@ class Coordinator:
             )
         return {nid: self._unpack(nid, msg) for nid, msg in replies.items()}
 
-    def _site(self, node_id: int) -> str:
-        rank = next((r for r, n in self.rank_to_node.items() if n == node_id), None)
+    def _site(self, node_id: int, rank: int | None = None) -> str:
+        if rank is None:
+            rank = next((r for r, n in self.rank_to_node.items() if n == node_id), None)
         host = self.hostnames.get(node_id)
         where = f" on {host}" if host else ""
         return f"rank {'?' if rank is None else rank} (SuperNode {node_id}{where})"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deca_flower.lab.certs import make_node_key, make_server_certificates
-from deca_flower.lab.flwr_cli import FlwrCli, FlwrCliError
+from deca_flower.lab.flwr_cli import FlwrCli, FlwrCliError, log_command
 from deca_flower.lab.hosts import Hosts, Site, free_port, make_hosts
 from deca_flower.lab.processes import Processes
 
@@ -70,13 +70,29 @@ class Lab:
     # ------------------------------------------------------------------ the whole lab
 
     def run(self) -> Path:
+        """Bring the deployment up, run the spec's run config on it, tear everything down."""
         try:
             self.up()
-            run_id = self.submit()
-            status = self.wait(run_id)
-            return self.collect(run_id, status)
+            return self.execute(self.spec.run_config)
         finally:
             self.down()
+
+    def execute(self, run_config: list[str]) -> Path:
+        """Submit one run to the running deployment and wait for it; its output directory."""
+        run_id = self.submit(run_config)
+        status = self.wait(run_id)
+        return self.collect(run_id, status)
+
+    def restart_site(self, site: Site, node_config: str = "") -> None:
+        """Stop a site's SuperNode (it deactivates itself at once) and start it again,
+        optionally with extra node config; wait until it is online."""
+        self.processes.stop(site.name)
+        if node_config:
+            self.spec.node_config[site.index] = node_config
+        else:
+            self.spec.node_config.pop(site.index, None)
+        self.start_site(site)
+        self.wait_online()
 
     def up(self) -> None:
         self.hosts.setup()
@@ -146,12 +162,14 @@ class Lab:
         home, state = self.work / site.name / "flwr", self.work / site.name / "state"
         home.mkdir(parents=True, exist_ok=True)
         state.mkdir(parents=True, exist_ok=True)
-        node_config = (
-            f'partition-id={site.index - 1} num-partitions={self.spec.sites} '
-            f'state-dir="{state}" store-host="{self.hosts.hub_address}"'
-        )
-        if site.index in self.spec.node_config:
-            node_config += " " + self.spec.node_config[site.index]
+        node_config = {
+            "partition-id": site.index - 1,
+            "num-partitions": self.spec.sites,
+            "state-dir": str(state),
+            "store-host": self.hosts.hub_address,
+        }
+        # A rehearsed misconfiguration replaces the lab's values (TOML forbids repeats).
+        node_config.update(_parsed([self.spec.node_config.get(site.index, "")]))
         argv = [
             "flower-supernode",
             "--superlink", self.address,
@@ -159,7 +177,7 @@ class Lab:
             "--auth-supernode-private-key", str(self.keys[site.index].private),
             "--host", "127.0.0.1", "--port", str(site.clientappio_port),
             "--max-retries", "0",
-            "--node-config", node_config,
+            "--node-config", _node_config_string(node_config),
         ]  # fmt: skip
         self._log_command(argv)
         env = {**self.env, "FLWR_HOME": str(home), "GLOO_SOCKET_IFNAME": self.hosts.gloo_interface}
@@ -181,7 +199,7 @@ class Lab:
                 waiting = [s.name for s in self.sites if s not in online]
                 raise LabError(f"SuperNodes of {waiting} did not come online within "
                                f"{NODE_ONLINE_TIMEOUT_S:.0f} s; see their logs in {self.work}")
-            time.sleep(0.5)
+            time.sleep(1.5)
         self.say(f"{len(self.sites)} SuperNodes online ({self.hosts.mode}): " + ", ".join(
             f"{s.name}={s.address} node {self.node_ids[s.index]}" for s in self.sites))
 
@@ -198,8 +216,8 @@ class Lab:
 
     # ------------------------------------------------------------------ the run
 
-    def submit(self) -> int:
-        user = _parsed(self.spec.run_config)
+    def submit(self, user_run_config: list[str]) -> int:
+        user = _parsed(user_run_config)
         if int(user.get("num-clients", self.spec.sites)) != self.spec.sites:
             raise LabError(
                 f"--run-config sets num-clients={user['num-clients']} but the lab has "
@@ -209,7 +227,7 @@ class Lab:
         self.output_base = Path(str(user.get("output-dir", "outputs"))).resolve()
         self.existing_runs = set(self.output_base.glob("*"))
         run_config = [
-            *self.spec.run_config,
+            *user_run_config,
             f"num-clients={self.spec.sites}",
             f'output-dir="{self.output_base}"',
         ]
@@ -225,10 +243,15 @@ class Lab:
         deadline = time.monotonic() + self.spec.timeout_s
         status = ""
         while time.monotonic() < deadline:
+            # Each `flwr ls` is a Python process of its own: poll gently, and at once when
+            # the log stream ends (it ends with the run).
             status = self.cli.run_status(run_id)
             if status.startswith("finished"):
                 break
-            time.sleep(1.0)
+            for _ in range(10):
+                if not self.processes.alive("log-stream"):
+                    break
+                time.sleep(0.5)
         else:
             self.cli.run("stop", str(run_id), CONNECTION)
             raise LabError(f"run {run_id} did not finish within {self.spec.timeout_s:.0f} s "
@@ -241,9 +264,11 @@ class Lab:
 
     def _stream_logs(self, run_id: int) -> threading.Thread:
         log = self.work / "run.log"
+        argv = ["flwr", "log", str(run_id), CONNECTION, "--stream"]
+        self._log_command(argv)
         started = self.processes.start(
             "log-stream",
-            ["flwr", "log", str(run_id), CONNECTION, "--stream"],
+            argv,
             self.cli.env,
             log,
         )
@@ -285,7 +310,7 @@ class Lab:
         if status != "finished:completed":
             raise LabError(
                 f"run {run_id} ended {status}; outputs and logs in {out}\n"
-                f"{_tail(self.work / 'run.log', 40)}"
+                f"{_coordinator_error(self.work / 'run.log')}"
             )
         return out
 
@@ -315,8 +340,7 @@ class Lab:
             print(f"[lab] {line}", flush=True)
 
     def _log_command(self, argv: list[str]) -> None:
-        with (self.work / "commands.log").open("a") as log:
-            log.write(shlex.join(argv) + "\n")
+        log_command(self.work / "commands.log", argv)
 
     @staticmethod
     def _wait_for(ready, timeout_s: float, what: str) -> None:
@@ -344,10 +368,27 @@ def _base_env() -> dict[str, str]:
 def _parsed(run_config: list[str]) -> dict[str, Any]:
     from flwr.common.config import parse_config_args
 
+    run_config = [rc for rc in run_config if rc.strip()]
     return parse_config_args(run_config) if run_config else {}
+
+
+def _node_config_string(values: dict[str, Any]) -> str:
+    """`key=value` pairs as `--node-config` parses them (TOML values: strings quoted)."""
+    return " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in values.items()
+    )
 
 
 def _tail(path: Path, lines: int = 25) -> str:
     if not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _coordinator_error(run_log: Path) -> str:
+    """The coordinator's own error from the run's log (what to fix), else the log's tail."""
+    text = run_log.read_text(errors="replace") if run_log.exists() else ""
+    at = text.rfind("CoordinatorError:")
+    if at < 0:
+        return _tail(run_log, 40)
+    return "\n".join(text[at:].splitlines()[:80])

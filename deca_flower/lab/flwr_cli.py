@@ -18,6 +18,14 @@ class FlwrCliError(RuntimeError):
     pass
 
 
+def log_command(log: Path, argv: list[str]) -> None:
+    """Append a command line to the lab's command log, once (polls repeat themselves)."""
+    line = shlex.join(argv)
+    if not log.exists() or line not in log.read_text().splitlines():
+        with log.open("a") as f:
+            f.write(line + "\n")
+
+
 class FlwrCli:
     def __init__(self, home: Path, connection: str, env: dict[str, str], log: Path) -> None:
         self.home, self.connection, self.log = home, connection, log
@@ -48,8 +56,7 @@ class FlwrCli:
 
     def run(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         argv = ["flwr", *args]
-        with self.log.open("a") as log:
-            log.write(shlex.join(argv) + "\n")
+        log_command(self.log, argv)
         result = subprocess.run(
             argv, env=self.env, capture_output=True, text=True, timeout=timeout
         )

@@ -26,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="keep the lab's files here")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
     parser.add_argument("--bandwidth", help="shape every site's link, e.g. 100mbit (tc tbf)")
+    parser.add_argument(
+        "--site-config",
+        action="append",
+        default=[],
+        metavar="SITE=NODE_CONFIG",
+        help="extra --node-config for one site (1-based), e.g. 2='data-path=\"/x.csv\"': "
+        "rehearse a misconfigured site",
+    )
 
 
 def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -50,6 +58,7 @@ def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         work_dir=args.work_dir,
         timeout_s=args.timeout,
         bandwidth=args.bandwidth,
+        node_config=_site_configs(args.site_config),
     )
     try:
         out = Lab(spec).run()
@@ -58,3 +67,13 @@ def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 1
     print(out, flush=True)
     return 0
+
+
+def _site_configs(items: list[str]) -> dict[int, str]:
+    out = {}
+    for item in items:
+        site, sep, config = item.partition("=")
+        if not sep or not site.isdigit():
+            raise SystemExit(f"--site-config {item!r}: expected SITE=NODE_CONFIG, e.g. 2='a=1'")
+        out[int(site)] = config
+    return out

@@ -1,0 +1,287 @@
+"""`deca-flower lab`: a real deployment (SuperLink with TLS and SuperNode auth, one
+SuperNode per site) on this machine, compared with the simulation and the engine.
+
+Namespace mode needs root; without it those tests are skipped with the reason and the
+loopback test still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deca_flower.config import load_config
+from deca_flower.engine import Engine
+from deca_flower.lab.deployment import Lab, LabError, LabSpec
+from deca_flower.lab.hosts import INSIDE_ENV, NamespaceHosts, namespace_support
+from deca_flower.reporting import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = 3
+SETTINGS = {
+    "train.steps_per_block": 2,
+    "data.max_examples": 240,
+    "eval.max_examples_per_client": 4,
+    "topology.name": "er",
+    "topology.p": 0.6,
+}
+RUN_CONFIG = [
+    'preset-model="tiny" overrides="' + " ".join(f"{k}={v}" for k, v in SETTINGS.items()) + '"'
+]
+
+NAMESPACES, WHY_NOT = namespace_support()
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason=f"no namespaces: {WHY_NOT}")
+
+
+def run_lab_subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The `deca-flower lab` command exactly as a user runs it (namespaces: re-exec'd)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop(INSIDE_ENV, None)
+    return subprocess.run(
+        [str(bin_dir / "deca-flower"), "lab", "--app", str(REPO), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def engine_run(tmp_path: Path) -> Engine:
+    cfg = load_config(
+        {"model": "tiny"}, {**SETTINGS, "num_clients": SITES, "output_dir": str(tmp_path)}
+    )
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    engine.result = engine.run()
+    return engine
+
+
+def step_losses(records: list[dict]) -> list[list[float]]:
+    return [r["loss"] for r in records if r["type"] == "step"]
+
+
+@needs_namespaces
+def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
+    work = tmp_path / "work"
+    proc = run_lab_subprocess(
+        tmp_path, "--sites", str(SITES), "--work-dir", str(work), "--run-config", RUN_CONFIG[0]
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "mode: namespaces" in proc.stdout
+    out = Path(proc.stdout.strip().splitlines()[-1])  # the last line is the run directory
+    assert out.parent == (tmp_path / "outputs").resolve() and (out / "summary.md").exists()
+    records = read_metrics(out / "metrics.jsonl")
+    lab = json.loads((out / "lab" / "lab.json").read_text())
+    assert lab["mode"] == "namespaces" and lab["status"] == "finished:completed"
+
+    # 1. The same losses and final blocks as the in-process engine (the simulation's test
+    #    tolerance), and as a Flower simulation of the same config.
+    engine = engine_run(tmp_path / "engine")
+    engine_steps = [r["loss"] for r in engine.result.records if r["type"] == "step"]
+    np.testing.assert_allclose(step_losses(records), engine_steps, rtol=1e-4, atol=1e-5)
+    run_id = lab["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = work / f"site{rank + 1}" / "state" / f"run-{run_id}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+    from test_flower_app import finished_runs, flwr_run
+
+    sim_dir = tmp_path / "sim"
+    flwr_run(sim_dir, SETTINGS, nodes=SITES)
+    (sim,) = finished_runs(sim_dir)
+    np.testing.assert_allclose(
+        step_losses(records), step_losses(read_metrics(sim / "metrics.jsonl")), rtol=1e-4,
+        atol=1e-5,
+    )
+
+    # 2. The blocks really crossed the links: each site's veth carried at least what the
+    #    run's metrics say that site sent to its neighbours.
+    sent = np.sum([r["bytes_sent"] for r in records if r["type"] == "phase"], axis=0)
+    assert min(sent) > 0
+    for rank in range(SITES):
+        assert lab["interface_bytes_sent"][f"site{rank + 1}"] >= sent[rank]
+
+    # 3. TLS and node auth were on, and every site had its own registered key.
+    commands = "\n".join(lab["commands"])
+    assert "--enable-supernode-auth" in commands and "--ssl-certfile" in commands
+    assert commands.count("flwr supernode register") == SITES
+    assert len(set(lab["node_ids"].values())) == SITES
+    assert_docs_match_lab_commands(lab["commands"])
+
+    # 4. Nothing is left behind: no namespace, process or bridge on this host.
+    assert "site1" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                         text=True).stdout
+    assert "deca-br0" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+
+
+def test_lab_on_loopback_finishes(tmp_path):
+    proc = run_lab_subprocess(tmp_path, "--sites", "2", "--loopback", "--run-config",
+                              RUN_CONFIG[0])
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "mode: loopback" in proc.stdout
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    records = read_metrics(out / "metrics.jsonl")
+    assert len(step_losses(records)) == 4 * SETTINGS["train.steps_per_block"]
+    phase = next(r for r in records if r["type"] == "phase")
+    assert phase["blocks"] == [0, 1, 2, 3]  # deployment: one message per round
+    assert set(phase["time_split"]) >= {"startup_s", "load_s", "training_s", "commit_s"}
+
+
+# ---------------------------------------------------------------------- bad deployments
+
+
+@pytest.fixture(scope="module")
+def bad_lab(tmp_path_factory):
+    """One deployment of 2 sites that every bad-input case below reconfigures in turn."""
+    work = tmp_path_factory.mktemp("bad-lab")
+    spec = LabSpec(sites=2, loopback=True, work_dir=work / "lab", quiet=True, timeout_s=300)
+    lab = Lab(spec)
+    lab.up()
+    yield lab
+    lab.down()
+
+
+def no_site_trained(lab: Lab) -> bool:
+    return not list(lab.work.glob("site*/state/run-*/block_*.safetensors"))
+
+
+def fails_with(lab: Lab, run_config: list[str], *texts: str) -> str:
+    with pytest.raises(LabError) as err:
+        lab.execute([*run_config, f'output-dir="{lab.work / "outputs"}"'])
+    message = str(err.value) + (lab.work / "run.log").read_text()
+    for text in texts:
+        assert text in message, message[-4000:]
+    assert no_site_trained(lab)
+    return message
+
+
+def test_two_sites_with_the_same_partition_id(bad_lab):
+    bad_lab.restart_site(bad_lab.sites[1], "partition-id=0")
+    try:
+        fails_with(bad_lab, RUN_CONFIG, "two sites have partition-id=0", "--node-config")
+    finally:
+        bad_lab.restart_site(bad_lab.sites[1])
+
+
+def test_num_partitions_that_disagrees_with_num_clients(bad_lab):
+    bad_lab.restart_site(bad_lab.sites[1], "num-partitions=5")
+    try:
+        fails_with(bad_lab, RUN_CONFIG, "num-partitions=5", "num-clients=2", "rank 1")
+    finally:
+        bad_lab.restart_site(bad_lab.sites[1])
+
+
+@needs_namespaces
+def test_a_site_that_cannot_reach_the_gossip_store(tmp_path):
+    # 10.99.0.250 is inside the lab's own subnet, where no host answers.
+    proc = run_lab_subprocess(
+        tmp_path, "--sites", "2", "--work-dir", str(tmp_path / "work"),
+        "--site-config", '2=store-host="10.99.0.250"',
+        "--run-config", RUN_CONFIG[0].replace('s="', 's="flower.barrier_timeout_s=5 '),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "rank 1 could not reach the gossip store at 10.99.0.250" in proc.stderr
+    assert "gossip.advertise_host" in proc.stderr
+    assert not list((tmp_path / "work").glob("site*/state/run-*/block_*.safetensors"))
+
+
+def test_a_site_whose_model_differs(bad_lab):
+    bad_lab.restart_site(bad_lab.sites[1], 'model-name="tiny-qwen2"')
+    try:
+        fails_with(bad_lab, RUN_CONFIG, "sites disagree on the base model", "rank 1")
+    finally:
+        bad_lab.restart_site(bad_lab.sites[1])
+
+
+def test_a_site_whose_data_path_is_missing(bad_lab, tmp_path):
+    missing = tmp_path / "nowhere.csv"
+    bad_lab.restart_site(bad_lab.sites[0], f'data-path="{missing}"')
+    try:
+        fails_with(bad_lab, RUN_CONFIG, f"data-path {str(missing)!r} does not exist", "rank 0")
+    finally:
+        bad_lab.restart_site(bad_lab.sites[0])
+
+
+def test_a_supernode_whose_key_is_not_registered(tmp_path):
+    spec = LabSpec(sites=2, loopback=True, work_dir=tmp_path / "lab", quiet=True,
+                   unregistered={2})
+    lab = Lab(spec)
+    try:
+        with pytest.raises(LabError, match="site2.*not registered.*flwr supernode register"):
+            lab.up()
+    finally:
+        lab.down()
+
+
+def test_bandwidth_needs_namespaces(tmp_path):
+    lab = Lab(LabSpec(sites=2, loopback=True, work_dir=tmp_path, bandwidth="100mbit"))
+    with pytest.raises(Exception, match="--bandwidth 100mbit needs namespace mode"):
+        lab.hosts.shape("100mbit")
+    assert NamespaceHosts.mode == "namespaces"
+
+
+# ---------------------------------------------------------------------- the docs
+
+
+def doc_commands() -> list[str]:
+    """Every command line in the ```bash blocks of docs/deployment.md."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    blocks = text.split("```bash\n")[1:]
+    return [line for b in blocks for line in b.split("```")[0].splitlines() if line.strip()]
+
+
+def _shape(argv: list[str]) -> tuple[tuple[str, ...], set[str]]:
+    """(program and subcommand words, flags) of a command line."""
+    words = []
+    for w in argv:
+        if w.startswith("-") or "/" in w or "." in w or w.isdigit() or w == "lab":
+            break
+        words.append(w)
+    return tuple(words), {w.split("=")[0] for w in argv if w.startswith("--")}
+
+
+def assert_docs_match_lab_commands(commands: list[str]) -> None:
+    import shlex
+
+    ran = [_shape(shlex.split(c)) for c in commands]
+    checked = 0
+    for line in doc_commands():
+        argv = shlex.split(line)
+        if argv[0] not in ("flower-superlink", "flower-supernode", "flwr"):
+            continue
+        words, flags = _shape(argv)
+        assert any(w == words and flags <= f for w, f in ran), f"the lab never ran: {line}"
+        checked += 1
+    assert checked >= 6
+
+
+def test_docs_certificate_commands_make_what_flower_accepts(tmp_path):
+    """The OpenSSL and ssh-keygen lines of the docs make a chain and a key Flower loads."""
+    import ssl
+
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    script = "\n".join(
+        line for line in doc_commands() if line.split()[0] in ("openssl", "printf", "ssh-keygen")
+    )
+    subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", "ca.crt", "server.pem"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    ctx = ssl.create_default_context(cadata=(tmp_path / "ca.crt").read_text())
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    load_ssh_private_key((tmp_path / "site1").read_bytes(), None)
+    san = subprocess.run(["openssl", "x509", "-in", "server.pem", "-noout", "-ext",
+                          "subjectAltName"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "127.0.0.1" in san
