@@ -70,8 +70,10 @@ def _handle(kind: str, msg: Message, context: Context) -> dict[str, Any]:
         try:
             return worker.call(message, Path(str(node_config["state-dir"])), idle_s)
         except worker.ResidentWorkerError as err:
-            return {"error": f"ResidentWorkerError: {err}", "rank": node_config.get(
-                "partition-id", "?")}
+            return {
+                "error": f"ResidentWorkerError: {err}",
+                "rank": node_config.get("partition-id", "?"),
+            }
     from deca_flower import node_service
 
     return node_service.handle(node_service.NodeRequest(**message))

@@ -85,8 +85,12 @@ def _connect(address: str, key: bytes) -> Connection | None:
 
 def _spawn(address: str, state_dir: Path, log: Path, idle_s: float) -> None:
     code_root = str(Path(__file__).resolve().parent.parent)  # the FAB holding deca_flower
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (code_root, os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (code_root, os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     argv = [
         sys.executable, "-m", "deca_flower.resident",
         "--address-hex", address.encode().hex(),

@@ -102,7 +102,9 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
     flwr_run(sim_dir, SETTINGS, nodes=SITES)
     (sim,) = finished_runs(sim_dir)
     np.testing.assert_allclose(
-        step_losses(records), step_losses(read_metrics(sim / "metrics.jsonl")), rtol=1e-4,
+        step_losses(records),
+        step_losses(read_metrics(sim / "metrics.jsonl")),
+        rtol=1e-4,
         atol=1e-5,
     )
 
@@ -121,14 +123,15 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
     assert_docs_match_lab_commands(lab["commands"])
 
     # 4. Nothing is left behind: no namespace, process or bridge on this host.
-    assert "site1" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                         text=True).stdout
+    assert (
+        "site1"
+        not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    )
     assert "deca-br0" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
 
 
 def test_lab_on_loopback_finishes(tmp_path):
-    proc = run_lab_subprocess(tmp_path, "--sites", "2", "--loopback", "--run-config",
-                              RUN_CONFIG[0])
+    proc = run_lab_subprocess(tmp_path, "--sites", "2", "--loopback", "--run-config", RUN_CONFIG[0])
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "mode: loopback" in proc.stdout
     out = Path(proc.stdout.strip().splitlines()[-1])
@@ -215,8 +218,7 @@ def test_a_site_whose_data_path_is_missing(bad_lab, tmp_path):
 
 
 def test_a_supernode_whose_key_is_not_registered(tmp_path):
-    spec = LabSpec(sites=2, loopback=True, work_dir=tmp_path / "lab", quiet=True,
-                   unregistered={2})
+    spec = LabSpec(sites=2, loopback=True, work_dir=tmp_path / "lab", quiet=True, unregistered={2})
     lab = Lab(spec)
     try:
         with pytest.raises(LabError, match="site2.*not registered.*flwr supernode register"):
@@ -277,11 +279,19 @@ def test_docs_certificate_commands_make_what_flower_accepts(tmp_path):
         line for line in doc_commands() if line.split()[0] in ("openssl", "printf", "ssh-keygen")
     )
     subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=True, capture_output=True)
-    subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", "ca.crt", "server.pem"],
-                   cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-CAfile", "ca.crt", "server.pem"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     ctx = ssl.create_default_context(cadata=(tmp_path / "ca.crt").read_text())
     ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
     load_ssh_private_key((tmp_path / "site1").read_bytes(), None)
-    san = subprocess.run(["openssl", "x509", "-in", "server.pem", "-noout", "-ext",
-                          "subjectAltName"], cwd=tmp_path, capture_output=True, text=True).stdout
+    san = subprocess.run(
+        ["openssl", "x509", "-in", "server.pem", "-noout", "-ext", "subjectAltName"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "127.0.0.1" in san

@@ -65,11 +65,14 @@ def make_server_certificates(directory: Path, addresses: list[str]) -> ServerCer
     )
     out.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     out.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(out.server_key, key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ))
+    _write_private(
+        out.server_key,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ),
+    )
     return out
 
 
@@ -78,11 +81,14 @@ def make_node_key(directory: Path, name: str) -> NodeKey:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     out = NodeKey(directory / name, directory / f"{name}.pub")
-    _write_private(out.private, key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    ))
+    _write_private(
+        out.private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
     out.public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH

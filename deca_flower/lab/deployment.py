@@ -197,11 +197,15 @@ class Lab:
                 break
             if time.monotonic() > deadline:
                 waiting = [s.name for s in self.sites if s not in online]
-                raise LabError(f"SuperNodes of {waiting} did not come online within "
-                               f"{NODE_ONLINE_TIMEOUT_S:.0f} s; see their logs in {self.work}")
+                raise LabError(
+                    f"SuperNodes of {waiting} did not come online within "
+                    f"{NODE_ONLINE_TIMEOUT_S:.0f} s; see their logs in {self.work}"
+                )
             time.sleep(1.5)
-        self.say(f"{len(self.sites)} SuperNodes online ({self.hosts.mode}): " + ", ".join(
-            f"{s.name}={s.address} node {self.node_ids[s.index]}" for s in self.sites))
+        self.say(
+            f"{len(self.sites)} SuperNodes online ({self.hosts.mode}): "
+            + ", ".join(f"{s.name}={s.address} node {self.node_ids[s.index]}" for s in self.sites)
+        )
 
     def _site_exit_reason(self, site: Site) -> str:
         log = _tail(self.work / f"{site.name}.log")
@@ -232,8 +236,10 @@ class Lab:
             f'output-dir="{self.output_base}"',
         ]
         run_id = self.cli.submit(self.spec.app_dir.resolve(), run_config)
-        self.say(f"submitted run {run_id}: flwr run {self.spec.app_dir} {CONNECTION} " +
-                 " ".join(f"--run-config {shlex.quote(rc)}" for rc in run_config))
+        self.say(
+            f"submitted run {run_id}: flwr run {self.spec.app_dir} {CONNECTION} "
+            + " ".join(f"--run-config {shlex.quote(rc)}" for rc in run_config)
+        )
         self.record["run_config"] = run_config
         self.bytes_before = {s.index: self.hosts.bytes_sent(s) for s in self.sites}
         return run_id
@@ -254,8 +260,10 @@ class Lab:
                 time.sleep(0.5)
         else:
             self.cli.run("stop", str(run_id), CONNECTION)
-            raise LabError(f"run {run_id} did not finish within {self.spec.timeout_s:.0f} s "
-                           f"(--timeout); last status {status!r}")
+            raise LabError(
+                f"run {run_id} did not finish within {self.spec.timeout_s:.0f} s "
+                f"(--timeout); last status {status!r}"
+            )
         time.sleep(1.5)  # let the log stream drain
         self.processes.stop("log-stream", grace_s=2.0)
         streamer.join(timeout=5)
@@ -317,9 +325,7 @@ class Lab:
     def _bytes_sent(self) -> dict[str, int] | None:
         if self.hosts.mode != "namespaces":
             return None
-        return {
-            s.name: self.hosts.bytes_sent(s) - self.bytes_before[s.index] for s in self.sites
-        }
+        return {s.name: self.hosts.bytes_sent(s) - self.bytes_before[s.index] for s in self.sites}
 
     def _run_dir(self, run_id: int, status: str) -> Path:
         """The directory this run's coordinator wrote (finished or `.incomplete`)."""

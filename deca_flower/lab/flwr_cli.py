@@ -57,9 +57,7 @@ class FlwrCli:
     def run(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         argv = ["flwr", *args]
         log_command(self.log, argv)
-        result = subprocess.run(
-            argv, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        result = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise FlwrCliError(
                 f"`{shlex.join(argv)}` exited {result.returncode}: "

@@ -105,9 +105,7 @@ class LoopbackHosts(Hosts):
     gloo_interface = "lo"
 
     def setup(self) -> None:
-        self.sites = [
-            Site(i, "127.0.0.1", None, free_port()) for i in range(1, self.num_sites + 1)
-        ]
+        self.sites = [Site(i, "127.0.0.1", None, free_port()) for i in range(1, self.num_sites + 1)]
 
 
 class NamespaceHosts(Hosts):
