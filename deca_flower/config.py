@@ -112,7 +112,9 @@ class EvalConfig:
 @dataclass
 class GossipConfig:
     backend: str = "auto"  # auto | gloo | nccl
-    timeout_s: float = 300.0
+    # Longest one exchange (or a group join) may block on a neighbour: a peer stuck on a
+    # dead neighbour frees itself after this. First in the order of timeouts (FaultsConfig).
+    timeout_s: float = 120.0
     store_port: int = 0  # 0 = pick a free port
     advertise_host: str = "127.0.0.1"  # address peers use to reach the coordinator's store
 
@@ -125,8 +127,28 @@ class FlowerConfig:
     min_nodes_wait_s: float = 120.0  # how long the coordinator waits for SuperNodes
     barrier_timeout_s: float = 120.0  # how long peers wait for each other at the handshake
     phase_timeout_s: float = 7200.0  # longest a phase (or an evaluation) may take
+    run_timeout_s: float = 30 * 24 * 3600.0  # longest the whole run may take
     keep_state: bool = False  # keep simulated nodes' state stores after a finished run
     export_models: bool = False  # each node saves its final model (HF format) at the end
+
+
+@dataclass
+class FaultsConfig:
+    """What the coordinator does when a site is lost mid-run.
+
+    Waits are bounded, in this order (checked at load): gossip.timeout_s (one exchange) <
+    flower.phase_timeout_s (one phase) < faults.rejoin_wait_s (waiting for a lost site) <
+    flower.run_timeout_s (the run).
+    """
+
+    # continue: drop the lost site, rebuild W on the survivors, rerun the phase;
+    # wait: keep W and wait (up to rejoin_wait_s) for the site to come back; stop: fail.
+    on_peer_loss: str = "continue"
+    min_peers: int = 2  # fewer survivors than this: wait for a site to come back, then stop
+    rejoin_wait_s: float = 10800.0
+    max_retries: int = 3  # reruns of one phase before the run stops
+    # Simulation: "rank@phase[,rank@phase]" makes that rank fail that phase (a rehearsal).
+    inject: str = ""
 
 
 @dataclass
@@ -143,6 +165,7 @@ class DecaConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -156,7 +179,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
     "flower.phase": ("auto", "block", "round"),
+    "faults.on_peer_loss": ("continue", "wait", "stop"),
 }
+
+# Every wait is bounded, and each bound must leave room for the one it sits in.
+TIMEOUT_ORDER = (
+    "gossip.timeout_s",
+    "flower.phase_timeout_s",
+    "faults.rejoin_wait_s",
+    "flower.run_timeout_s",
+)
 
 POSITIVE = (
     "num_clients",
@@ -241,6 +273,31 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.topology.name == "file" and not cfg.topology.path:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
+    _check_timeout_order(cfg)
+    parse_fault_injection(cfg.faults.inject)
+
+
+def _check_timeout_order(cfg: DictConfig) -> None:
+    values = [(key, float(OmegaConf.select(cfg, key))) for key in TIMEOUT_ORDER]
+    for (inner, a), (outer, b) in zip(values, values[1:]):
+        if not a < b:
+            raise ConfigError(
+                f"{inner}={a:g} must be smaller than {outer}={b:g}: the waits nest as "
+                f"{' < '.join(TIMEOUT_ORDER)}; lower {inner} or raise {outer}"
+            )
+
+
+def parse_fault_injection(spec: str) -> set[tuple[int, int]]:
+    """`faults.inject`: "rank@phase,rank@phase" -> {(rank, phase)}."""
+    out = set()
+    for item in filter(None, (part.strip() for part in str(spec or "").split(","))):
+        rank, sep, phase = item.partition("@")
+        if not sep or not rank.isdigit() or not phase.isdigit():
+            raise ConfigError(
+                f"faults.inject={spec!r}: expected rank@phase[,rank@phase], e.g. 2@1"
+            )
+        out.add((int(rank), int(phase)))
+    return out
 
 
 def bma_weights(cfg: DictConfig) -> tuple[float, float] | None:

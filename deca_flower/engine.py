@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
-from deca_flower.config import to_yaml
+from deca_flower.config import parse_fault_injection, to_yaml
 from deca_flower.data import plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import eval_record, pooled_metrics, predict_labels
@@ -31,6 +31,7 @@ from deca_flower.generation import (
     is_generation_task,
     load_judge,
 )
+from deca_flower.membership import full_membership, without
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
@@ -54,7 +55,7 @@ from deca_flower.task import (
     resolve_device,
     wire_dtype,
 )
-from deca_flower.topology import describe, neighbours
+from deca_flower.topology import describe
 
 
 def mix_blocks(weights: torch.Tensor, blocks: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
@@ -102,6 +103,11 @@ class Engine:
             )
         self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name)
         self.progress = Progress(self.total_phases)
+        # faults.inject replays lost sites: from that phase on the run goes on without them,
+        # with W rebuilt on the survivors, as the coordinator does (faults.on_peer_loss).
+        self.membership = full_membership(self.graph, self.weights)
+        self.injected = parse_fault_injection(cfg.faults.inject)
+        self.phase = 0
 
     @property
     def num_blocks(self) -> int:
@@ -136,31 +142,49 @@ class Engine:
         global_step = 0
         for t in range(cfg.train.rounds):
             for k in block_order(self.num_blocks, cfg.train.block_order, t, cfg.seed):
+                self._apply_injected_faults()
                 global_step = self._run_block(t, k, global_step)
+                self.phase += 1
             if (t + 1) % cfg.eval.every_rounds == 0 or t == cfg.train.rounds - 1:
                 self._evaluate(round_idx=t)
         if cfg.train.final_average:
             self._average_all_models()
         return self._finish()
 
+    @property
+    def members(self) -> list[int]:
+        return [0] if self.method.pooled_data else list(self.membership.members)
+
+    def _apply_injected_faults(self) -> None:
+        lost = {r for r, p in self.injected if p == self.phase and r in self.members}
+        if not lost or self.method.pooled_data:
+            return
+        faults = self.cfg.faults
+        self.membership = without(
+            self.membership, lost, self.graph, self.cfg.topology.mixing, faults.min_peers
+        )
+        self.run_dir.log({"type": "membership", "phase": self.phase, **self.membership.record()})
+        self.progress.note(f"faults.inject: going on without rank(s) {sorted(lost)}")
+
     def _run_block(self, t: int, k: int, global_step: int) -> int:
-        peers = self.peers
+        peers = [self.peers[r] for r in self.members]
         for peer in peers:
             peer.begin_block(k)
-        n = len(peers)
+        n = len(self.peers)
         timing = {"forward_s": [0.0] * n, "backward_s": [0.0] * n, "optimizer_s": [0.0] * n}
         comm_s = 0.0
-        losses: list[float] = []
+        losses: list[float | None] = []
         for r in range(self.steps):
-            results = [peer.local_step() for peer in peers]
+            results = {peer.rank: peer.local_step() for peer in peers}
             t0 = time.perf_counter()
             self._mix()
             comm_s += time.perf_counter() - t0
-            for i, (peer, res) in enumerate(zip(peers, results)):
+            for peer in peers:
+                i, res = peer.rank, results[peer.rank]
                 timing["optimizer_s"][i] += res.optimizer_s + peer.consensus_update()
                 timing["forward_s"][i] += res.forward_s
                 timing["backward_s"][i] += res.backward_s
-            losses = [res.loss for res in results]
+            losses = [results[i].loss if i in results else None for i in range(len(self.peers))]
             self.run_dir.log(
                 {
                     "type": "step",
@@ -176,7 +200,8 @@ class Engine:
         for peer in peers:
             peer.end_block()
         self._log_phase(t, k, block_numel, timing, comm_s)
-        self.progress.phase_done(f"round {t + 1} block {k}", sum(losses) / len(losses))
+        alive = [loss for loss in losses if loss is not None]
+        self.progress.phase_done(f"round {t + 1} block {k}", sum(alive) / len(alive))
         return global_step
 
     def _mix(self) -> None:
@@ -184,15 +209,20 @@ class Engine:
         peers = self.peers
         if self.method.mixing == "none":
             return
+        members = self.members
         if self.method.mixing == "average":
-            mixed = mix_blocks(self.weights, torch.stack([p.block for p in peers]), self.wire)
+            # Rows and columns of lost sites are 0 in W: they neither send nor receive.
+            weights = self.membership.weights
+            active = peers[members[0]].block
+            blocks = [p.block if p.rank in members else torch.zeros_like(active) for p in peers]
+            mixed = mix_blocks(weights, torch.stack(blocks), self.wire)
         else:
-            mixed = [self._decaf_row(i) for i in range(len(peers))]
-        for peer, row in zip(peers, mixed):
-            peer.block.copy_(row)
+            mixed = {i: self._decaf_row(i) for i in members}
+        for i in members:
+            peers[i].block.copy_(mixed[i])
 
     def _decaf_row(self, i: int) -> torch.Tensor:
-        row = self.weights[i]
+        row = self.membership.weights[i]
         ranks = [j for j in range(len(self.peers)) if row[j] > 0]
         blocks = {
             j: self.peers[j].block if j == i else self.peers[j].block.to(self.wire).float()
@@ -230,7 +260,9 @@ class Engine:
         steps = self.steps
         element = torch.empty((), dtype=self.wire).element_size()
         degrees = [
-            len(neighbours(self.graph, i)) if self.method.communicates else 0
+            len(self.membership.neighbours(i))
+            if self.method.communicates and i in self.members
+            else 0
             for i in range(len(self.peers))
         ]
         sent = [numel * element * d * steps for d in degrees]
@@ -240,6 +272,7 @@ class Engine:
                 "round": t,
                 "block": k,
                 "block_numel": numel,
+                "members": self.members,
                 "bytes_sent": sent,
                 "bytes_received": sent,
                 **timing,

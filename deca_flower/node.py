@@ -133,6 +133,7 @@ class Node:
             "bytes_received": 0,
             "commit_s": 0.0,
         }
+        self.store.discard_staged()
         with self._group(plan) as group:
             for k in plan.blocks:
                 peer.begin_block(k)
@@ -142,16 +143,19 @@ class Node:
                     stats["block_numel"] = peer.opt.numel
                 finally:
                     peer.end_block()
-                t0 = time.perf_counter()
-                self.store.save_block(
-                    k,
-                    peer.partition.named_parameters(k),
-                    plan.phase,
-                    extra={"stream": peer.stream.state_dict()},
-                )
-                stats["commit_s"] += time.perf_counter() - t0
             stats["bytes_sent"] = group.stats.bytes_sent
             stats["bytes_received"] = group.stats.bytes_received
+        # All or nothing: the phase's blocks are committed together, after all were trained.
+        t0 = time.perf_counter()
+        for k in plan.blocks:
+            self.store.stage_block(
+                k,
+                peer.partition.named_parameters(k),
+                plan.phase,
+                extra={"stream": peer.stream.state_dict()},
+            )
+        self.store.commit_staged()
+        stats["commit_s"] = time.perf_counter() - t0
         self.last_phase = plan.phase
         stats["peak_memory_bytes"] = peak_memory_bytes(self.device)
         stats["train_state_bytes"] = peer.train_state_bytes
@@ -176,8 +180,8 @@ class Node:
             block.copy_(group.mix(block, block_id=k))
             return
         received = group.exchange(block, block_id=k)
-        blocks = {**received, self.rank: block}
-        weights = {**group.weights, self.rank: group.self_weight}
+        blocks = {**received, group.rank: block}
+        weights = {**group.weights, group.rank: group.self_weight}
         block.copy_(decaf_mix(blocks, weights, self.lora_layout))
 
     def _group(self, plan: PhasePlan) -> GossipGroup:
@@ -318,6 +322,11 @@ def _run_data(cfg: DictConfig) -> RunData:
         _RUN_DATA.clear()
         _RUN_DATA[key] = prepare_data(cfg)
     return _RUN_DATA[key]
+
+
+def forget_node(run_key: str, rank: int) -> None:
+    """Drop the cached node: its state store changed under it (a rollback)."""
+    _NODES.pop((run_key, rank), None)
 
 
 def get_node(

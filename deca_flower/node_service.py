@@ -20,8 +20,10 @@ from typing import Any
 
 from torch.distributed import TCPStore
 
+from deca_flower.config import parse_fault_injection
 from deca_flower.flower_config import config_from_run_config
-from deca_flower.node import Node, PhasePlan, config_key, get_node
+from deca_flower.node import Node, PhasePlan, config_key, forget_node, get_node
+from deca_flower.state_store import NodeStateStore
 
 
 class NodeRequest:
@@ -80,11 +82,31 @@ def _handshake(req: NodeRequest) -> dict[str, Any]:
     }
 
 
+class InjectedFault(RuntimeError):
+    """faults.inject made this rank fail this phase (a rehearsal of a lost site)."""
+
+
 def _train(req: NodeRequest) -> dict[str, Any]:
     plan = _plan(req)
+    cfg = _site_config(req)
+    rolled_back = _roll_back(req, cfg, plan.phase)
+    if int(req.request.get("attempt", 0)) == 0 and (_rank(req), plan.phase) in (
+        parse_fault_injection(cfg.faults.inject)
+    ):
+        raise InjectedFault(f"rank {_rank(req)} fails phase {plan.phase} (faults.inject)")
     node, load_s = _timed_node(req)
     stats = node.run_phase(plan)
-    return {"rank": plan.rank, "load_s": load_s, **stats}
+    return {"rank": _rank(req), "load_s": load_s, "rolled_back": rolled_back, **stats}
+
+
+def _roll_back(req: NodeRequest, cfg, phase: int) -> list[int]:
+    """Undo this node's commit of a phase that not every member finished (then rerun it)."""
+    committed = int(req.request.get("committed_phase", phase - 1))
+    store = NodeStateStore(_state_dir(req, cfg, _rank(req)))
+    rolled = store.rollback_to(committed)
+    if rolled:
+        forget_node(str(req.run_id), _rank(req))
+    return rolled
 
 
 def _evaluate(req: NodeRequest) -> dict[str, Any]:
@@ -98,7 +120,7 @@ def _evaluate(req: NodeRequest) -> dict[str, Any]:
         if isinstance(value, dict)
         for name, v in value.items()
     }
-    return {"rank": plan.rank, **{k: v for k, v in out.items() if not isinstance(v, dict)}, **flat}
+    return {"rank": _rank(req), **{k: v for k, v in out.items() if not isinstance(v, dict)}, **flat}
 
 
 def _finish(req: NodeRequest) -> dict[str, Any]:
@@ -188,7 +210,9 @@ def _plan(req: NodeRequest) -> PhasePlan:
         store_host=_store_host(req),
         store_port=int(r["store_port"]),
         group_name=str(r["group_name"]),
-        rank=_rank(req),
+        # The rank inside this phase's gossip group (members numbered 0..m-1 in rank order);
+        # it differs from the node's own rank once a site was lost.
+        rank=int(r.get("group_rank", _rank(req))),
         world_size=int(r["world_size"]),
         neighbours=[int(j) for j in r["neighbours"]],
         weights=[float(w) for w in r["weights"]],

@@ -109,6 +109,7 @@ def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
                 a = r["average"]
                 lines.append(f"| parameter average, {tag} | all clients' test | "
                              f"{a['perplexity']:.3f} | {a['rouge_l']:.3f} |")  # fmt: skip
+        lines += _timeline(records)
         lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
         return "\n".join(lines)
     lines += ["", "| model | eval set | accuracy | weighted F1 |", "|---|---|---|---|"]
@@ -122,8 +123,27 @@ def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
         if r.get("average") is not None:
             lines.append(_row(f"parameter average, {tag}", "all clients' test", r["average"]))
         lines.append(_row(f"clients, {tag}", "mean of local tests", r["client_mean"]))
+    lines += _timeline(records)
     lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _timeline(records: list[dict[str, Any]]) -> list[str]:
+    """Faults, membership changes, waits and rejoins, in order (empty for a clean run)."""
+    lines = []
+    for r in records:
+        phase = f"phase {r.get('phase', -1) + 1}"
+        if r["type"] == "fault":
+            lines.append(f"- {phase}, attempt {r['attempt']}: failed; lost rank(s) "
+                         f"{r['lost_ranks'] or 'none'}")
+        elif r["type"] == "membership":
+            lines.append(f"- {phase}: membership epoch {r['epoch']}, ranks {r['members']} "
+                         f"(lost {r['lost']}), spectral gap {r['spectral_gap']:.3f}")
+        elif r["type"] == "waiting":
+            lines.append(f"- {phase}: waiting for rank(s) {r['lost_ranks']}: {r['reason']}")
+        elif r["type"] == "rejoined":
+            lines.append(f"- {phase}: rank(s) {r['ranks']} are back")
+    return ["", "## Timeline", "", *lines] if lines else []
 
 
 def plot_run(
@@ -143,6 +163,7 @@ def plot_run(
         losses = list(zip(*[r["loss"] for r in steps]))
         x = [r["global_step"] for r in steps]
         for i, series in enumerate(losses):
+            series = [float("nan") if v is None else v for v in series]  # lost: a gap
             ax.plot(x, series, lw=1, label=f"client {i}")
         ax.set(xlabel="inner step", ylabel="training loss", title="Training loss per client")
         ax.legend(fontsize=7, ncol=2)
@@ -166,7 +187,24 @@ def plot_run(
             written.append(_save(fig, out_dir / "consensus.png"))
         if label_names:
             written.append(plot_confusion(evals[-1], label_names, out_dir / "confusion.png"))
-    return written
+    participation = plot_participation(records, out_dir / "participation.png")
+    return [*written, participation] if participation else written
+
+
+def plot_participation(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Which sites took part in each committed phase (drawn when the membership changed)."""
+    import matplotlib.pyplot as plt
+
+    phases = [r for r in records if r["type"] == "phase" and "members" in r]
+    if not any(r["type"] in ("membership", "fault") for r in records) or not phases:
+        return None
+    n = len(phases[0]["bytes_sent"])
+    grid = [[1.0 if rank in p["members"] else 0.0 for p in phases] for rank in range(n)]
+    fig, ax = plt.subplots(figsize=(max(4, len(phases) * 0.5), 1 + n * 0.4))
+    ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1)
+    ax.set(xlabel="phase", ylabel="rank", title="Sites that took part in each phase")
+    ax.set_yticks(range(n))
+    return _save(fig, path)
 
 
 def plot_confusion(record: dict[str, Any], label_names: list[str], path: Path) -> Path:
@@ -283,8 +321,10 @@ def _row(model: str, eval_set: str, metrics: dict[str, float]) -> str:
     return f"| {model} | {eval_set} | {metrics['accuracy']:.4f} | {metrics['f1_weighted']:.4f} |"
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _mean(values: list[float | None]) -> float:
+    """Mean over the sites that took part (None: a site lost at that step)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present)
 
 
 def _hms(seconds: float) -> str:

@@ -28,6 +28,7 @@ from deca_flower.generation import (
     pool_generation_metrics,
 )
 from deca_flower.gossip import host_store
+from deca_flower.membership import Membership, MembershipError, full_membership, without
 from deca_flower.methods import METHODS
 from deca_flower.reporting import (
     Progress,
@@ -40,13 +41,14 @@ from deca_flower.reporting import (
     summary_markdown,
 )
 from deca_flower.task import build_topology
-from deca_flower.topology import describe, neighbours
+from deca_flower.topology import describe
 
 app = ServerApp()
 
 # Replies carry metrics only; anything near a block's size would mean parameters leak.
 MAX_REPLY_VALUES = 100_000
 REPLY_POLL_S = 0.25  # Grid.send_and_receive polls every 3 s: too slow for short phases
+FAILED_PHASE_GRACE_S = 15.0  # once every reply is a failure, how long to wait for the rest
 
 # Flower's error codes (flwr.common.constant.ErrorCode) and what a site's admin should do.
 _ERROR_NAMES = {
@@ -81,6 +83,15 @@ class CoordinatorError(RuntimeError):
     pass
 
 
+class PhaseFailed(CoordinatorError):
+    """Some sites failed a message. `lost`: node ids that failed on their own (offline,
+    crashed, no reply, their own error); the others failed for want of them (gossip)."""
+
+    def __init__(self, message: str, lines: list[str], lost: set[int]) -> None:
+        super().__init__(message)
+        self.lines, self.lost = lines, lost
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
@@ -98,6 +109,8 @@ class Coordinator:
         self.rank_to_node: dict[int, int] = {}
         self.hostnames: dict[int, str] = {}
         self.phase = 0
+        self.committed_phase = -1  # the last phase every member finished
+        self.membership = full_membership(self.graph, self.weights)
         self.max_reply_values = 0
 
     # ------------------------------------------------------------------ the run
@@ -154,7 +167,7 @@ class Coordinator:
             }
         )
         replies = self._send_to_ranks(request, "query.finish")
-        exported = [replies[r].get("exported", "") for r in range(self.n)]
+        exported = [replies[r].get("exported", "") for r in self.members]
         if any(exported):
             self.run_dir.log({"type": "exported_models", "paths": exported})
             self.progress.note(f"final models saved by the nodes, e.g. {exported[0]}")
@@ -271,13 +284,28 @@ class Coordinator:
     # ------------------------------------------------------------------ phases
 
     def _train_phase(self, t: int, blocks: list[int], global_step: int) -> int:
-        request = self._common_request(f"phase{self.phase}")
-        request.update({"round": t, "blocks": blocks, "steps": self.steps})
-        started = time.perf_counter()
-        replies = self._send_to_ranks(request, "train.deca")
+        """One phase on the current members; rerun (after a membership change) if it fails.
+
+        A phase counts only once every member finished it: until then every node keeps its
+        last committed phase (nodes that did commit it roll back when it is rerun).
+        """
+        attempt = 0
+        while True:
+            epoch = self.membership.epoch
+            request = self._common_request(f"phase{self.phase}/epoch{epoch}/attempt{attempt}")
+            request.update({"round": t, "blocks": blocks, "steps": self.steps, "attempt": attempt})
+            started = time.perf_counter()
+            try:
+                replies = self._send_to_ranks(request, "train.deca")
+                break
+            except PhaseFailed as failure:
+                attempt += 1
+                self._recover(failure, attempt)
         self.phase_wall_s = time.perf_counter() - started
-        losses = [replies[r]["loss"] for r in range(self.n)]
-        for s in range(len(losses[0])):
+        members = self.members
+        losses = {r: replies[r]["loss"] for r in members}
+        steps = len(losses[members[0]])
+        for s in range(steps):
             k = blocks[s // self.steps]
             self.run_dir.log(
                 {
@@ -286,7 +314,7 @@ class Coordinator:
                     "block": k,
                     "step": s % self.steps,
                     "global_step": global_step + s,
-                    "loss": [losses[r][s] for r in range(self.n)],
+                    "loss": [losses[r][s] if r in losses else None for r in range(self.n)],
                 }
             )
         record = self._phase_record(t, blocks, replies)
@@ -295,10 +323,77 @@ class Coordinator:
         self.progress.phase_done(
             f"round {t + 1} block(s) {blocks[0]}" + (f"-{blocks[-1]}" if len(blocks) > 1 else "")
             + f" ({split['wall_s']:.1f} s, {100 * split['non_training_share']:.0f}% not training)",
-            sum(loss[-1] for loss in losses) / self.n,
+            sum(loss[-1] for loss in losses.values()) / len(losses),
         )
+        self.committed_phase = self.phase
         self.phase += 1
-        return global_step + len(losses[0])
+        return global_step + steps
+
+    @property
+    def members(self) -> list[int]:
+        return list(self.membership.members)
+
+    # ------------------------------------------------------------------ faults
+
+    def _recover(self, failure: PhaseFailed, attempt: int) -> None:
+        """After a failed phase: record it, change the membership if sites were lost (or
+        wait for them), or stop with an error that names the sites and the settings."""
+        faults = self.cfg.faults
+        lost = sorted(self.rank_of[nid] for nid in failure.lost)
+        self.run_dir.log(
+            {"type": "fault", "phase": self.phase, "attempt": attempt, "epoch":
+             self.membership.epoch, "lost_ranks": lost, "failures": failure.lines,
+             "time": time.time()}
+        )
+        self.progress.note(
+            f"phase {self.phase + 1} failed (attempt {attempt}); lost rank(s) {lost or 'none'}"
+        )
+        if faults.on_peer_loss == "stop" or attempt > faults.max_retries:
+            why = ("faults.on_peer_loss=stop" if faults.on_peer_loss == "stop" else
+                   f"faults.max_retries={faults.max_retries} reruns of this phase failed")
+            raise CoordinatorError(f"{failure} ({why})")
+        if not lost:
+            return  # only peers' errors (e.g. a transient link failure): rerun as it is
+        if faults.on_peer_loss == "continue":
+            try:
+                self._set_membership(without(self.membership, set(lost), self.graph,
+                                             self.cfg.topology.mixing, faults.min_peers))
+                return
+            except MembershipError as err:
+                self.progress.note(f"cannot go on without rank(s) {lost}: {err}; waiting up to "
+                                   f"{faults.rejoin_wait_s:.0f} s (faults.rejoin_wait_s)")
+                self.run_dir.log({"type": "waiting", "phase": self.phase, "lost_ranks": lost,
+                                  "reason": str(err)})
+                self._wait_for_rejoin(lost, str(err))
+                return
+        self._wait_for_rejoin(lost, "faults.on_peer_loss=wait")
+
+    def _wait_for_rejoin(self, lost: list[int], reason: str) -> None:
+        """Wait (bounded) until the lost sites' SuperNodes are back, then rerun the phase."""
+        wanted = {self.rank_to_node[r] for r in lost}
+        deadline = time.monotonic() + self.cfg.faults.rejoin_wait_s
+        while not wanted <= set(self.grid.get_node_ids()):
+            if time.monotonic() > deadline:
+                sites = ", ".join(self._site(self.rank_to_node[r]) for r in lost)
+                raise CoordinatorError(
+                    f"lost {sites} and they did not come back within "
+                    f"{self.cfg.faults.rejoin_wait_s:.0f} s (faults.rejoin_wait_s): {reason}. "
+                    "Restart them with the same key and state-dir, or allow the run to go on "
+                    "without them (faults.on_peer_loss=continue, faults.min_peers)"
+                )
+            time.sleep(1.0)
+        self.run_dir.log({"type": "rejoined", "phase": self.phase, "ranks": lost})
+        self.progress.note(f"rank(s) {lost} are back; rerunning phase {self.phase + 1}")
+
+    def _set_membership(self, membership: Membership) -> None:
+        self.membership = membership
+        record = {"type": "membership", "phase": self.phase, **membership.record()}
+        self.run_dir.log(record)
+        self.progress.note(
+            f"membership epoch {membership.epoch}: going on with ranks {list(membership.members)}"
+            f" (lost {list(membership.lost)}), W rebuilt ({self.cfg.topology.mixing}) with "
+            f"spectral gap {record['spectral_gap']:.3f}"
+        )
 
     def _phase_record(self, t: int, blocks: list[int], replies: dict[int, dict]) -> dict:
         keys = (
@@ -319,9 +414,14 @@ class Coordinator:
             "round": t,
             "block": blocks[0],
             "blocks": blocks,
-            "block_numel": replies[0].get("block_numel"),
+            "block_numel": replies[self.members[0]].get("block_numel"),
         }
-        record.update({key: [replies[r].get(key) for r in range(self.n)] for key in keys})
+        record.update(
+            {key: [replies[r].get(key) if r in replies else None for r in range(self.n)]
+             for key in keys}
+        )
+        record["members"] = self.members
+        record["epoch"] = self.membership.epoch
         record["time_split"] = phase_time_split(self.phase_wall_s, record)
         return record
 
@@ -334,29 +434,29 @@ class Coordinator:
             self.run_dir.log(record)
             self.progress.note(format_eval(record))
             return
-        labels = [list(replies[r]["labels"]) for r in range(self.n)]
-        preds = [list(replies[r]["predictions"]) for r in range(self.n)]
+        labels = [list(replies[r]["labels"]) for r in self.members]
+        preds = [list(replies[r]["predictions"]) for r in self.members]
         num_labels = self.num_labels
         record = eval_record(t, labels, preds, num_labels)
         if t >= 0 and self.cfg.eval.average_model:
-            avg = [list(replies[r]["average_predictions"]) for r in range(self.n)]
+            avg = [list(replies[r]["average_predictions"]) for r in self.members]
             record["average"] = pooled_metrics(labels, avg, num_labels)
             record["average_predictions"] = avg
-            distance = sum(replies[r]["squared_distance"] for r in range(self.n)) / self.n
+            distance = sum(replies[r]["squared_distance"] for r in self.members) / len(self.members)
             record["consensus_distance"] = distance**0.5
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
 
     def _generation_record(self, t: int, replies: dict[int, dict]) -> dict[str, Any]:
         """The engine's instruction-tuning eval record, from the nodes' own scores."""
-        per_client = [_unflatten(replies[r], "metrics") for r in range(self.n)]
+        per_client = [_unflatten(replies[r], "metrics") for r in self.members]
         record: dict[str, Any] = {
             "type": "eval",
             "task": "generation",
             "round": t,
             "clients": per_client,
             "client_mean": {
-                k: sum(m[k] for m in per_client) / self.n
+                k: sum(m[k] for m in per_client) / len(per_client)
                 for k in GENERATION_METRICS
                 if k in per_client[0]
             },
@@ -364,9 +464,9 @@ class Coordinator:
         if t >= 0 and self.cfg.eval.average_model:
             # Each node scored the average on its own test slice; pooled, that is the
             # average model on the union of the slices, as the engine computes it.
-            parts = [_unflatten(replies[r], "average_metrics") for r in range(self.n)]
+            parts = [_unflatten(replies[r], "average_metrics") for r in self.members]
             record["average"] = pool_generation_metrics(parts)
-            distance = sum(replies[r]["squared_distance"] for r in range(self.n)) / self.n
+            distance = sum(replies[r]["squared_distance"] for r in self.members) / len(self.members)
             record["consensus_distance"] = distance**0.5
         return record
 
@@ -382,18 +482,26 @@ class Coordinator:
         }
 
     def _send_to_ranks(self, request: dict[str, Any], message_type: str) -> dict[int, dict]:
+        """The request to every member, with its place in this epoch's gossip group."""
+        m = self.membership
         per_node = {}
-        for rank, node_id in self.rank_to_node.items():
-            row = neighbours(self.graph, rank)
-            per_node[node_id] = {
+        for rank in m.members:
+            row = m.neighbours(rank)
+            per_node[self.rank_to_node[rank]] = {
                 **request,
-                "neighbours": row,
-                "weights": [float(self.weights[rank, j]) for j in row],
-                "self_weight": float(self.weights[rank, rank]),
+                "group_rank": m.group_rank(rank),
+                "world_size": len(m.members),
+                "neighbours": [m.group_rank(j) for j in row],
+                "weights": [float(m.weights[rank, j]) for j in row],
+                "self_weight": float(m.weights[rank, rank]),
+                "committed_phase": self.committed_phase,
             }
         replies = self._send(per_node, message_type)
-        node_to_rank = {nid: r for r, nid in self.rank_to_node.items()}
-        return {node_to_rank[nid]: reply for nid, reply in replies.items()}
+        return {self.rank_of[nid]: reply for nid, reply in replies.items()}
+
+    @property
+    def rank_of(self) -> dict[int, int]:
+        return {nid: r for r, nid in self.rank_to_node.items()}
 
     def _send(self, per_node: dict[int, dict[str, Any]], message_type: str) -> dict[int, dict]:
         """One message per node; the replies, keyed by node, or an error naming every failure.
@@ -417,22 +525,33 @@ class Coordinator:
         node_of = dict(zip(ids, per_node, strict=True))
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout
+        given_up_at = None
         while len(replies) < len(ids) and time.monotonic() < deadline:
             pending = [mid for mid in ids if node_of[mid] not in replies]
             for msg in self.grid.pull_messages(pending):
                 nid = node_of.get(msg.metadata.reply_to_message_id)
                 if nid is not None:
                     replies[nid] = msg
+            if replies and all(_is_failure(m) for m in replies.values()):
+                # Everyone who answered failed: the silent ones are the cause (a dead site
+                # answers only when Flower notices, 60 s later). Wait a little for stragglers.
+                given_up_at = given_up_at or time.monotonic()
+                if time.monotonic() - given_up_at > FAILED_PHASE_GRACE_S:
+                    break
             if len(replies) < len(ids):
                 time.sleep(REPLY_POLL_S)
-        failures = [
-            self._failure(nid, replies.get(nid), message_type, timeout) for nid in per_node
-        ]
-        failures = [f for f in failures if f]
+        failures = {
+            nid: self._failure(nid, replies.get(nid), message_type, timeout) for nid in per_node
+        }
+        failures = {nid: f for nid, f in failures.items() if f}
         if failures:
-            raise CoordinatorError(
+            lost = {nid for nid in failures if not _failed_for_want_of_a_peer(replies.get(nid))}
+            lines = list(failures.values())
+            raise PhaseFailed(
                 f"{len(failures)} of {len(per_node)} site(s) failed {message_type} (node states "
-                "stay committed up to the last finished phase):\n" + "\n".join(failures)
+                "stay committed up to the last finished phase):\n" + "\n".join(lines),
+                lines,
+                lost,
             )
         return {nid: self._unpack(nid, msg) for nid, msg in replies.items()}
 
@@ -504,6 +623,17 @@ class Coordinator:
             f"{self.cfg.train.rounds} rounds; gossip store on port {self.store_port}; "
             f"writing {self.run_dir.path}"
         )
+
+
+def _is_failure(msg: Message) -> bool:
+    return msg.has_error() or "error" in msg.content["reply"]
+
+
+def _failed_for_want_of_a_peer(msg: Message | None) -> bool:
+    """A node whose phase failed because a neighbour was missing or broke (a survivor)."""
+    if msg is None or msg.has_error():
+        return False
+    return str(msg.content["reply"].get("error", "")).startswith("GossipError")
 
 
 def _federation_hint(n: int) -> str:

@@ -54,10 +54,65 @@ class NodeStateStore:
         os.replace(tmp, target)
         return target
 
+    def stage_block(
+        self,
+        k: int,
+        named_params: list[tuple[str, torch.Tensor]],
+        phase: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write block k beside the committed one; it counts only after commit_staged()."""
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_params}
+        metadata = {"phase": str(phase), "extra": json.dumps(extra or {})}
+        save_file(tensors, self._staged(k), metadata=metadata)
+
+    def commit_staged(self) -> list[int]:
+        """Make every staged block the committed one (one rename each): a phase's blocks are
+        committed together, only once all of them are trained."""
+        staged = sorted(self.root.glob("block_*.safetensors.staged"))
+        for path in staged:
+            committed = path.with_suffix("")
+            if committed.exists():  # one level of history: a phase can still be rolled back
+                os.replace(committed, self._previous(committed))
+            os.replace(path, committed)
+        return [int(p.name.split("_")[1].split(".")[0]) for p in staged]
+
+    def rollback_to(self, phase: int) -> list[int]:
+        """Undo commits of phases after `phase` (a phase some other member did not finish).
+
+        Returns the blocks rolled back. A block with no earlier commit is removed: the node
+        must then be rebuilt from its base model (the caller does that).
+        """
+        rolled = []
+        for k, info in self.saved_blocks().items():
+            if info["phase"] <= phase:
+                continue
+            committed = self.block_path(k)
+            previous = self._previous(committed)
+            if previous.exists() and _phase_of(previous) <= phase:
+                os.replace(previous, committed)
+            else:
+                committed.unlink()
+                previous.unlink(missing_ok=True)
+            rolled.append(k)
+        return rolled
+
+    @staticmethod
+    def _previous(committed: Path) -> Path:
+        return committed.with_name(committed.name.replace(".safetensors", ".prev.safetensors"))
+
+    def discard_staged(self) -> None:
+        """Drop what a failed phase staged: the store stays at its last committed phase."""
+        for path in self.root.glob("block_*.safetensors.staged"):
+            path.unlink(missing_ok=True)
+
+    def _staged(self, k: int) -> Path:
+        return self.block_path(k).with_name(self.block_path(k).name + ".staged")
+
     def saved_blocks(self) -> dict[int, dict[str, Any]]:
         """{block: {"phase": int, "extra": dict}} for every committed block."""
         out = {}
-        for path in sorted(self.root.glob("block_*.safetensors")):
+        for path in sorted(self.root.glob("block_????.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             out[int(path.stem.split("_")[1])] = {
@@ -71,7 +126,8 @@ class NodeStateStore:
         blocks = self.saved_blocks()
         if not blocks:
             return None
-        k, info = max(blocks.items(), key=lambda item: item[1]["phase"])
+        # A phase commits all its blocks with the same extra data; any of them will do.
+        k, info = max(blocks.items(), key=lambda item: (item[1]["phase"], item[0]))
         return {"block": k, **info}
 
     @torch.no_grad()
@@ -79,7 +135,7 @@ class NodeStateStore:
         """Copy every committed block into `model` (matched by parameter name)."""
         params = dict(model.named_parameters())
         restored = []
-        for path in sorted(self.root.glob("block_*.safetensors")):
+        for path in sorted(self.root.glob("block_????.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     if name not in params:
@@ -97,3 +153,8 @@ class NodeStateStore:
                     target.copy_(tensor.to(target.dtype))
             restored.append(int(path.stem.split("_")[1]))
         return restored
+
+
+def _phase_of(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {}).get("phase", -1))

@@ -99,8 +99,10 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
     from test_flower_app import finished_runs, flwr_run
 
     sim_dir = tmp_path / "sim"
-    flwr_run(sim_dir, SETTINGS, nodes=SITES)
-    (sim,) = finished_runs(sim_dir)
+    sim_proc = flwr_run(sim_dir, SETTINGS, nodes=SITES)
+    sims = finished_runs(sim_dir)
+    assert len(sims) == 1, sim_proc.stdout[-4000:] + sim_proc.stderr[-4000:]
+    sim = sims[0]
     np.testing.assert_allclose(
         step_losses(records),
         step_losses(read_metrics(sim / "metrics.jsonl")),

@@ -1,0 +1,201 @@
+"""Faults: bounded waits, membership epochs over the survivors, all-or-nothing commits,
+fault injection in the engine and the Flower simulation.
+
+Multi-process Gloo cases use the peer pool of test_gossip (real process groups on loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_gossip import HOST, WORLD, make_block, peers, port, unique  # noqa: F401
+
+from deca_flower.config import ConfigError, load_config
+from deca_flower.engine import Engine
+from deca_flower.gossip import GossipError, GossipGroup
+from deca_flower.membership import MembershipError, full_membership, without
+from deca_flower.state_store import NodeStateStore
+from deca_flower.topology import build_graph, mixing_matrix
+
+
+def metropolis(graph: nx.Graph, n: int) -> np.ndarray:
+    """Metropolis-Hastings weights on `graph` (nodes: any subset of 0..n-1), by hand."""
+    w = np.zeros((n, n))
+    for i, j in graph.edges:
+        w[i, j] = w[j, i] = 1.0 / (1 + max(graph.degree(i), graph.degree(j)))
+    for i in graph.nodes:
+        w[i, i] = 1.0 - w[i].sum()
+    return w
+
+
+# ---------------------------------------------------------------------- membership
+
+
+def test_survivors_get_metropolis_weights_on_their_subgraph():
+    graph = build_graph("er", 6, p=0.6, seed=0)
+    m0 = full_membership(graph, mixing_matrix(graph))
+    m1 = without(m0, {2}, graph, "metropolis", min_peers=2)
+    assert m1.epoch == 1 and m1.members == (0, 1, 3, 4, 5) and m1.lost == (2,)
+    expected = metropolis(graph.subgraph(m1.members), 6)
+    np.testing.assert_allclose(m1.weights.numpy(), expected, atol=1e-12)
+    sub = m1.weights.numpy()[np.ix_(m1.members, m1.members)]
+    np.testing.assert_allclose(sub.sum(axis=1), 1.0)  # doubly stochastic over the members
+    np.testing.assert_allclose(sub, sub.T)
+    eig = np.sort(np.abs(np.linalg.eigvalsh(sub)))[::-1]
+    assert m1.spectral_gap() == pytest.approx(1 - eig[1])
+
+
+def test_a_disconnected_survivor_graph_names_its_parts():
+    path = nx.path_graph(4)  # 0-1-2-3: without 1, {0} and {2, 3} are cut apart
+    m0 = full_membership(path, mixing_matrix(path))
+    with pytest.raises(MembershipError, match=r"falls apart into \[\[0\], \[2, 3\]\]"):
+        without(m0, {1}, path, "metropolis", min_peers=2)
+    with pytest.raises(MembershipError, match="faults.min_peers=4"):
+        without(m0, {3}, path, "metropolis", min_peers=4)
+
+
+def test_timeouts_must_nest():
+    with pytest.raises(
+        ConfigError, match="gossip.timeout_s=900 must be smaller than flower.phase_timeout_s=600"
+    ):
+        load_config({}, ["gossip.timeout_s=900", "flower.phase_timeout_s=600"])
+    with pytest.raises(ConfigError, match="faults.rejoin_wait_s"):
+        load_config({}, ["faults.rejoin_wait_s=100"])
+    with pytest.raises(ConfigError, match="faults.inject"):
+        load_config({}, ["faults.inject=two@one"])
+
+
+# ---------------------------------------------------------------------- all-or-nothing commits
+
+
+def test_a_phase_commits_all_its_blocks_and_can_be_rolled_back(tmp_path):
+    store = NodeStateStore(tmp_path)
+    t = {k: torch.full((3,), float(k)) for k in range(3)}
+    for k in range(2):  # phase 0 commits blocks 0 and 1
+        store.stage_block(k, [(f"b{k}", t[k])], phase=0, extra={"stream": 10})
+    assert store.saved_blocks() == {}  # nothing counts before the commit
+    store.commit_staged()
+    for k in (1, 2):  # phase 1 trains blocks 1 and 2
+        store.stage_block(k, [(f"b{k}", t[k] + 100)], phase=1, extra={"stream": 20})
+    store.commit_staged()
+    assert store.latest()["phase"] == 1 and store.latest()["extra"] == {"stream": 20}
+    # Another member did not finish phase 1: roll back to phase 0.
+    assert sorted(store.rollback_to(0)) == [1, 2]
+    assert {k: v["phase"] for k, v in store.saved_blocks().items()} == {0: 0, 1: 0}
+    torch.testing.assert_close(load_file(store.block_path(1))["b1"], t[1])
+    assert not store.block_path(2).exists()  # never committed before phase 1
+    assert store.latest()["extra"] == {"stream": 10}
+    # A failed phase leaves only staged files, which are discarded.
+    store.stage_block(0, [("b0", t[0] - 1)], phase=1)
+    store.discard_staged()
+    assert store.rollback_to(0) == []
+    torch.testing.assert_close(load_file(store.block_path(0))["b0"], t[0])
+
+
+# ---------------------------------------------------------------------- Gloo: a peer is killed
+
+
+def scenario_killed_then_regroup(
+    rank: int,
+    port: int,  # noqa: F811
+    name: str,
+    victim: int,
+) -> dict:
+    """4-ring; the victim SIGKILLs itself mid-exchange; survivors regroup as a 3-path."""
+    x = make_block(rank)
+    nbrs = sorted({(rank - 1) % WORLD, (rank + 1) % WORLD})
+    group = GossipGroup(
+        HOST,
+        port,
+        rank,
+        WORLD,
+        nbrs,
+        {j: 1 / 3 for j in nbrs},
+        1 / 3,
+        group_name=f"{name}/epoch0",
+        timeout_s=5,
+    )
+    group.mix(x)
+    if rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        for _ in range(3):  # rank 1 (not a neighbour) fails once its neighbours gave up
+            group.mix(x)
+        error = None
+    except GossipError as exc:
+        error = str(exc)
+    finally:
+        group.close()
+    detected_s = time.monotonic() - start
+    # Epoch 1: the survivors (ranks 0, 1, 2 of the 4-ring minus 3 = the path 0-1-2) renumber
+    # as group ranks 0..2 and mix with Metropolis weights on that path.
+    graph = nx.cycle_graph(WORLD)
+    m1 = without(full_membership(graph, mixing_matrix(graph)), {victim}, graph, "metropolis", 2)
+    g = m1.group_rank(rank)
+    row = m1.neighbours(rank)
+    weights = {m1.group_rank(j): float(m1.weights[rank, j]) for j in row}
+    with GossipGroup(
+        HOST,
+        port,
+        g,
+        len(m1.members),
+        sorted(weights),
+        weights,
+        float(m1.weights[rank, rank]),
+        group_name=f"{name}/epoch1",
+        timeout_s=30,
+    ) as regrouped:
+        mixed = regrouped.mix(x)
+    return {"error": error, "seconds": detected_s, "mixed": mixed.numpy(), "x": x.numpy()}
+
+
+def test_survivors_of_a_killed_peer_regroup_and_mix_over_the_survivors(peers):  # noqa: F811
+    victim = 3
+    res = peers.run(
+        scenario_killed_then_regroup, name=unique("killed"), victim=victim, limit=80
+    )
+    assert victim not in res
+    survivors = [0, 1, 2]
+    for r in survivors:
+        status, value, _ = res[r]
+        assert status == "ok", value
+        assert value["error"] is not None and value["seconds"] < 5 + 5  # timeout + slack
+    for r in (0, 2):
+        assert f"neighbour rank {victim}" in res[r][1]["error"]
+    # Independent re-weighted mix: Metropolis on the path 0-1-2 is [[2/3,1/3,0],[1/3,1/3,1/3],
+    # [0,1/3,2/3]] (degrees 1, 2, 1).
+    w = np.array([[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]])
+    xs = np.stack([res[r][1]["x"].astype(np.float64) for r in survivors])
+    for i, r in enumerate(survivors):
+        np.testing.assert_allclose(res[r][1]["mixed"], w[i] @ xs, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- the engine replays faults
+
+
+def test_engine_goes_on_without_an_injected_rank(make_config):
+    cfg = make_config(num_clients=4, topology="er", **{"topology.p": 0.6, "faults.inject": "1@2"})
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    before = {n: p.detach().clone() for n, p in engine.peers[1].model.named_parameters()}
+    result = engine.run()
+    steps = [r for r in result.records if r["type"] == "step"]
+    spb = cfg.train.steps_per_block
+    assert all(s["loss"][1] is not None for s in steps[: 2 * spb])
+    assert all(s["loss"][1] is None for s in steps[2 * spb :])
+    (membership,) = [r for r in result.records if r["type"] == "membership"]
+    assert membership["members"] == [0, 2, 3] and membership["phase"] == 2
+    # The lost rank's blocks 2.. are untouched from the moment it left.
+    for k in range(2, engine.num_blocks):
+        for name, p in engine.peers[1].partition.named_parameters(k):
+            torch.testing.assert_close(p.detach(), before[name])
+    phases = [r for r in result.records if r["type"] == "phase"]
+    assert phases[-1]["bytes_sent"][1] == 0
