@@ -33,20 +33,41 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from deca_flower.secure_channel import (
+    DEFAULT_CHUNK_BYTES,
+    ENCRYPTIONS,
+    KIND_HEADER,
+    KIND_PAYLOAD,
+    KIND_REDUCE,
+    AuthenticatedStore,
+    ChunkContext,
+    ChunkSealer,
+    EdgeKeys,
+    SealedOpenError,
+    StoreAuthError,
+    byte_view,
+    parse_run_key,
+    run_fingerprint,
+    security_event,
+)
+
 __all__ = [
     "GossipError",
     "GossipGroup",
+    "GossipSecurityError",
+    "WireChunk",
     "GossipStats",
     "choose_backend",
     "host_store",
@@ -70,6 +91,7 @@ _WIRE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _HEADER_MAGIC = 0x0DECA
 _HEADER_LEN = 5  # magic, sender rank, numel, block id, wire code
 _HEADER_TAG = 0
+_REDUCE_TAG = (1 << 30) + (1 << 25)  # above every block tag (1 + crc % 2**30 + chunk)
 _STORE_NS = "deca-gossip"  # our keys inside the group prefix; torch's own keys live elsewhere
 _ROW_SUM_TOL = 1e-6
 _SYMMETRY_TOL = 1e-9
@@ -83,12 +105,27 @@ class GossipError(RuntimeError):
     """
 
 
+class GossipSecurityError(GossipError):
+    """A neighbour's data (or a store value) failed authentication.
+
+    ``security_events`` lists the rejections as ``{"type": "security", "what", "from",
+    "check", ...}`` records, for the node to return in its reply (``metrics.jsonl``).
+    """
+
+    def __init__(self, message: str, events: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.security_events = list(events)
+
+
 @dataclass
 class GossipStats:
     """Traffic counters of one group (bytes this peer sent / received).
 
     ``bytes_sent``/``bytes_received`` count block payload only (invariant 12); the per-group
     header goes to ``control_bytes`` (sent). ``seconds`` is wall time inside exchanges.
+    ``wire_bytes_sent``/``wire_bytes_received`` count what the block payload took on the wire:
+    with encryption, the payload plus one 16-byte tag per chunk; ``crypto_seconds`` is the
+    time spent sealing and opening (partly overlapped with the transfer).
     """
 
     bytes_sent: int = 0
@@ -96,6 +133,34 @@ class GossipStats:
     seconds: float = 0.0
     exchanges: int = 0
     control_bytes: int = 0
+    wire_bytes_sent: int = 0
+    wire_bytes_received: int = 0
+    crypto_seconds: float = 0.0
+
+
+@dataclass
+class WireChunk:
+    """One message part about to be handed to the backend (the ``tap`` hook sees these).
+
+    ``data`` is exactly what goes to the socket (sealed bytes, or plaintext with
+    ``encryption="none"``) and may be modified in place; ``others`` holds the same part as
+    sealed for the other neighbours. Tests and the lab use a tap to play an on-path attacker
+    (capture, tamper, truncate, replay, reorder, splice): a tap that returns bytes sends those
+    instead. Never set one in production.
+    """
+
+    kind: str  # "header" | "block" | "reduce"
+    step: int
+    chunk: int
+    count: int
+    sender: int
+    receiver: int
+    block_id: int
+    data: memoryview
+    others: dict[int, memoryview] = field(default_factory=dict)
+
+
+WireTap = Callable[[WireChunk], bytes | None]
 
 
 def host_store(
@@ -281,6 +346,10 @@ class GossipGroup:
         device: torch.device | str = "cpu",
         wire_dtype: torch.dtype | str | None = None,
         timeout_s: float = 300,
+        encryption: str = "aes-256-gcm",
+        store_key: str | bytes | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        tap: WireTap | None = None,
     ) -> None:
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -294,6 +363,18 @@ class GossipGroup:
         self.wire_dtype = resolve_wire_dtype(wire_dtype)
         self.timeout_s = float(timeout_s)
         self.stats = GossipStats()
+        self._payload_events: list[dict[str, Any]] = []  # rejections (GossipSecurityError)
+        self._auth: AuthenticatedStore | None = None
+        self._run_key = parse_run_key(store_key)
+        self.encryption = self._resolve_encryption(encryption)
+        self.chunk_bytes = int(chunk_bytes)
+        self._tap = tap
+        self._edge_keys: EdgeKeys | None = None
+        self._publics: dict[int, bytes] = {}
+        self._aead: dict[int, tuple[Any, Any]] = {}  # peer -> (send key, receive key)
+        self._step = 0  # payload exchanges so far: the nonce's step, never reused per key
+        self._header_seq = 0
+        self._reduce_seq = 0
         # Gloo moves host memory only: blocks on a GPU are staged through (pinned) CPU buffers.
         self._comm_device = self.device if self.backend == "nccl" else torch.device("cpu")
         self._key: tuple[int, int] | None = None
@@ -305,6 +386,35 @@ class GossipGroup:
         self._join(store_host, int(store_port))
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _resolve_encryption(self, encryption: str) -> str:
+        """Fail closed: encryption needs the run key; only an explicit "none" is plaintext."""
+        name = str(encryption).strip().lower()
+        if name not in ENCRYPTIONS:
+            raise ValueError(
+                f"gossip.encryption={encryption!r} is not supported; use one of {list(ENCRYPTIONS)}"
+            )
+        if name == "none":
+            return "none"
+        if self.backend == "nccl":
+            # NCCL moves GPU memory directly; sealing would stage every block through the host.
+            log.warning(
+                "rank %d: gossip.backend=nccl is plaintext: gossip.encryption does not apply "
+                "(use NCCL only inside one trusted cluster)",
+                self.rank,
+            )
+            return "none"
+        if self._run_key is None:
+            raise GossipError(
+                f"rank {self.rank}: gossip.encryption={name!r} but this node has no keys for "
+                f"group {self.group_name!r} (the coordinator's store key did not arrive): "
+                "refusing to send. Plaintext needs an explicit gossip.encryption=none"
+            )
+        return name
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != "none"
 
     @staticmethod
     def _normalise_device(device: torch.device | str) -> torch.device:
@@ -325,6 +435,8 @@ class GossipGroup:
             self._rendezvous(self._store)
         except GossipError:
             raise
+        except StoreAuthError as exc:
+            raise self._store_error(exc) from exc
         except (RuntimeError, dist.DistError) as exc:  # the coordinator went away mid-join
             raise GossipError(
                 f"rank {self.rank}: lost the coordinator's store at {host}:{port} while joining "
@@ -346,7 +458,26 @@ class GossipGroup:
                 "phase message and the firewall, or raise gossip.timeout_s"
             ) from exc
         # One prefix per phase: groups of different phases never see each other's keys.
-        return dist.PrefixStore(self.group_name, client)
+        store = dist.PrefixStore(self.group_name, client)
+        if self._run_key is None:
+            return store
+        self._auth = AuthenticatedStore(
+            store, self._run_key, self.rank, self.group_name, timeout_s=self.timeout_s
+        )
+        return self._auth
+
+    def _store_error(self, exc: BaseException) -> GossipError:
+        """A store value that never verified: name the key and the claimed rank."""
+        return GossipSecurityError(
+            f"rank {self.rank}, group {self.group_name!r}: rendezvous rejected: {_first_line(exc)}",
+            self.events,
+        )
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every rejection so far: forged store values (also ones outlived) and bad payloads."""
+        store_events = self._auth.events if self._auth is not None else []
+        return [*store_events, *self._payload_events]
 
     def _init_process_group(self, store: dist.Store) -> None:
         if self.backend == "nccl":
@@ -361,6 +492,8 @@ class GossipGroup:
                 device_id=self.device if self.backend == "nccl" else None,
             )
         except (RuntimeError, dist.DistError) as exc:
+            if "store key" in str(exc) and isinstance(store, AuthenticatedStore):
+                raise self._store_error(exc) from exc  # Gloo's address exchange was forged
             raise GossipError(
                 f"rank {self.rank}: could not set up the {self.backend} group "
                 f"{self.group_name!r} ({_first_line(exc)}); raise gossip.timeout_s if peers "
@@ -369,20 +502,19 @@ class GossipGroup:
 
     def _rendezvous(self, store: dist.Store) -> None:
         """Publish this row of W, wait for every rank, and check the rows agree."""
-        claims = store.add(f"{_STORE_NS}/claim/{self.rank}", 1)
-        if claims != 1:
-            raise GossipError(
-                f"rank {self.rank} joined group {self.group_name!r} {claims} times: two peers "
-                "share one rank (check partition-id in the node config), or the coordinator "
-                "reused a group name; group names must be unique per phase attempt"
-            )
+        self._claim(store)
         info = {
             "world_size": self.world_size,
             "backend": self.backend,
             "wire": self._wire_code,
             "neighbours": {str(j): w for j, w in self.weights.items()},
             "device": _device_id(self.device),
+            "encryption": self.encryption,
         }
+        if self.encrypted:
+            # A fresh key pair per group: its public half is authenticated by the store's HMAC.
+            self._edge_keys = EdgeKeys(self._run_key, self.group_name, self.rank)
+            info["x25519"] = self._edge_keys.public.hex()
         store.set(f"{_STORE_NS}/join/{self.rank}", json.dumps(info))
         keys = [f"{_STORE_NS}/join/{r}" for r in range(self.world_size)]
         try:
@@ -397,16 +529,47 @@ class GossipGroup:
             ) from exc
         infos = [json.loads(raw) for raw in store.multi_get(keys)]
         self._check_rows(infos)
+        if self.encrypted:
+            self._publics = {r: bytes.fromhex(info["x25519"]) for r, info in enumerate(infos)}
+
+    def _claim(self, store: dist.Store) -> None:
+        """Claim this rank once per group; a second claim is a duplicate rank or reused name."""
+        key = f"{_STORE_NS}/claim/{self.rank}"
+        duplicate = GossipError(
+            f"rank {self.rank} joined group {self.group_name!r} 2 times: two peers "
+            "share one rank (check partition-id in the node config), or the coordinator "
+            "reused a group name; group names must be unique per phase attempt"
+        )
+        if not isinstance(store, AuthenticatedStore):
+            claims = store.add(key, 1)
+            if claims != 1:
+                raise GossipError(str(duplicate).replace("2 times", f"{claims} times"))
+            return
+        token = json.dumps({"rank": self.rank, "nonce": os.urandom(16).hex()})
+        mine = store.seal(key, token)
+        current = store.compare_set(key, "", token)
+        if current == mine:
+            return
+        if store.verify(key, current)[0] is not None:
+            raise duplicate  # a member holding the run key claimed this rank first
+        # A forged claim (no run key): record it, and take the rank with our valid claim.
+        store.reject(key, current)
+        store.set(key, token)
 
     def _check_rows(self, infos: list[dict[str, Any]]) -> None:
         """Every rank checks the whole W it can see, so all ranks fail together, by name."""
-        mine = {"world_size": self.world_size, "backend": self.backend, "wire": self._wire_code}
+        mine = {
+            "world_size": self.world_size,
+            "backend": self.backend,
+            "wire": self._wire_code,
+            "encryption": self.encryption,
+        }
         problems: list[str] = []
         for r, info in enumerate(infos):
             problems += [
-                f"rank {r} has {field}={info[field]!r}, this rank {value!r}"
-                for field, value in mine.items()
-                if info[field] != value
+                f"rank {r} has {key}={info.get(key)!r}, this rank {value!r}"
+                for key, value in mine.items()
+                if info.get(key) != value
             ]
             problems += self._edge_problems(r, info["neighbours"].get(str(self.rank)))
         if self.backend == "nccl":
@@ -444,6 +607,8 @@ class GossipGroup:
         """Leave the group and free torch.distributed's default group for the next one."""
         joined, self._joined, self._broken = self._joined, False, True
         self._buffers.clear()
+        self._aead.clear()  # the group's keys die with it: the next group makes new ones
+        self._edge_keys = None
         self._store = None
         if joined and dist.is_initialized():
             dist.destroy_process_group()
@@ -474,7 +639,7 @@ class GossipGroup:
             key = (block.numel(), int(block_id))
             if key != self._key:
                 self._prepare(key)
-            self._transfer(block)
+            self._transfer(block, int(block_id))
             received = self._unstage()
             self._check_finite(block, received)
         except GossipError:
@@ -482,7 +647,11 @@ class GossipGroup:
             raise
         finally:
             self.stats.seconds += time.perf_counter() - start
+            self._step += 1  # also after a failure: a step number is never sealed twice
         payload = block.numel() * self._wire_size() * self.degree
+        if not self.encrypted:
+            self.stats.wire_bytes_sent += payload
+            self.stats.wire_bytes_received += payload
         self.stats.bytes_sent += payload
         self.stats.bytes_received += payload
         self.stats.exchanges += 1
@@ -506,6 +675,64 @@ class GossipGroup:
         weights = {**self.weights, self.rank: self.self_weight}
         return mix_blocks(blocks, weights, out=out)
 
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place (the evaluation's parameter average).
+
+        Plaintext groups use the backend's ``all_reduce``. Encrypted groups run a ring
+        reduce-scatter + all-gather over sealed point-to-point messages (edge keys of the ring
+        r -> r+1), so parameters never cross the wire in the clear; every rank gets the same
+        bits. Like every ring all-reduce, rank r+1 sees partial sums starting with rank r's
+        slice: members learn more than with gossip alone (docs/security.md).
+        """
+        if not self.encrypted:
+            dist.all_reduce(tensor)
+            return tensor
+        self._check_open()
+        if self.world_size == 1:
+            return tensor
+        host = tensor.detach().reshape(-1).to("cpu", torch.float32, copy=True)
+        try:
+            self._ring_all_reduce(host)
+        except GossipError:
+            self._broken = True
+            raise
+        with torch.no_grad():
+            tensor.copy_(host.view(tensor.shape).to(tensor.dtype))
+        return tensor
+
+    def _ring_all_reduce(self, flat: torch.Tensor) -> None:
+        n, r = self.world_size, self.rank
+        segs = list(torch.tensor_split(flat, n))
+        for s in range(n - 1):  # reduce-scatter: rank r ends with the sum of segment r+1
+            incoming = torch.empty_like(segs[(r - s - 1) % n])
+            self._ring_message(segs[(r - s) % n], incoming)
+            segs[(r - s - 1) % n].add_(incoming)
+        for s in range(n - 1):  # all-gather
+            incoming = torch.empty_like(segs[(r - s) % n])
+            self._ring_message(segs[(r + 1 - s) % n], incoming)
+            segs[(r - s) % n].copy_(incoming)
+
+    def _ring_message(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        size_send = ChunkSealer(send.numel() * 4, self.chunk_bytes).sealed_bytes
+        size_recv = ChunkSealer(recv.numel() * 4, self.chunk_bytes).sealed_bytes
+        self._sealed_p2p(
+            "reduce",
+            self._ctx(KIND_REDUCE, -2, 0),
+            self._reduce_seq,
+            _REDUCE_TAG,
+            sends={nxt: (send.contiguous(), torch.empty(size_send, dtype=torch.uint8))},
+            recvs={prv: (torch.empty(size_recv, dtype=torch.uint8), recv)},
+        )
+        self._reduce_seq += 1
+
+    def _check_open(self) -> None:
+        if self._broken or not self._joined:
+            raise GossipError(
+                f"rank {self.rank}: group {self.group_name!r} is closed or failed earlier; "
+                "join a new group"
+            )
+
     def _wire_size(self) -> int:
         return torch.empty((), dtype=self.wire_dtype).element_size()
 
@@ -514,11 +741,7 @@ class GossipGroup:
         return _WIRE_CODES[self.wire_dtype]
 
     def _check_block(self, block: torch.Tensor) -> None:
-        if self._broken or not self._joined:
-            raise GossipError(
-                f"rank {self.rank}: group {self.group_name!r} is closed or failed earlier; "
-                "join a new group"
-            )
+        self._check_open()
         if block.dim() != 1 or block.dtype != torch.float32 or not block.is_contiguous():
             raise ValueError(
                 "gossip blocks must be contiguous 1-D float32 tensors (the fp32 master copy), "
@@ -546,10 +769,16 @@ class GossipGroup:
             if staged
             else bufs["recv"]
         )
+        if self.encrypted:
+            # Reused every step: fresh buffers would cost more than the cipher (page faults).
+            size = ChunkSealer(numel * self._wire_size(), self.chunk_bytes).sealed_bytes
+            bufs["sealed_send"] = {j: torch.empty(size, dtype=torch.uint8) for j in self.neighbours}
+            bufs["sealed_recv"] = {j: torch.empty(size, dtype=torch.uint8) for j in self.neighbours}
         self._buffers = bufs
         self._key = key
         # A per-size tag: if neighbours ever disagree on the size without a new handshake,
         # Gloo times out on unmatched tags instead of aborting the process on a size mismatch.
+        # Sealed chunk c goes with tag + c (< 2**24 chunks: the nonce's chunk field).
         self._tag = 1 + zlib.crc32(f"{numel}:{block_id}:{wire}".encode()) % (2**30)
 
     def _handshake(self, numel: int, block_id: int) -> None:
@@ -557,8 +786,11 @@ class GossipGroup:
         mine = [_HEADER_MAGIC, self.rank, numel, block_id, code]
         header = torch.tensor(mine, dtype=torch.float64, device=self._comm_device)
         recv = {j: torch.empty_like(header) for j in self.neighbours}
-        self._run_p2p(header, recv, _HEADER_TAG, what="header")
-        self.stats.control_bytes += header.numel() * header.element_size() * self.degree
+        if self.encrypted:
+            self._sealed_header(header, recv)
+        else:
+            self._run_p2p(header, recv, _HEADER_TAG, what="header")
+            self.stats.control_bytes += header.numel() * header.element_size() * self.degree
         problems = []
         for j, buf in recv.items():
             got = [int(v) for v in buf.tolist()]
@@ -578,7 +810,7 @@ class GossipGroup:
                 "the same algorithm.wire_dtype and train.layers_per_block)"
             )
 
-    def _transfer(self, block: torch.Tensor) -> None:
+    def _transfer(self, block: torch.Tensor, block_id: int) -> None:
         send = self._buffers["send"]
         if send is not None:
             send.copy_(block, non_blocking=send.is_pinned())
@@ -586,7 +818,209 @@ class GossipGroup:
                 torch.cuda.current_stream(block.device).synchronize()  # pinned copy is async
         else:
             send = block
-        self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
+        if not self.encrypted:
+            self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
+            return
+        bufs = self._buffers
+        self._sealed_p2p(
+            "block",
+            self._ctx(KIND_PAYLOAD, block_id, self._wire_code),
+            self._step,
+            self._tag,
+            sends={j: (send, bufs["sealed_send"][j]) for j in self.neighbours},
+            recvs={j: (bufs["sealed_recv"][j], bufs["recv"][j]) for j in self.neighbours},
+        )
+
+    # ------------------------------------------------------------------ sealed transport
+
+    def _keys(self, peer: int) -> tuple[Any, Any]:
+        """(AEAD for this rank -> peer, AEAD for peer -> this rank), derived on first use."""
+        if peer not in self._aead:
+            if self._edge_keys is None or peer not in self._publics:
+                raise GossipError(
+                    f"rank {self.rank}: no key for neighbour rank {peer} in group "
+                    f"{self.group_name!r}: refusing to send in plaintext"
+                )
+            self._aead[peer] = self._edge_keys.derive(peer, self._publics[peer])
+        return self._aead[peer]
+
+    def _ctx(self, kind: int, block_id: int, dtype_code: int) -> Callable[..., ChunkContext]:
+        """AAD fields for (sender, receiver, numel): the receiver fills in what it expects."""
+        run = run_fingerprint(self._run_key)
+
+        def make(sender: int, receiver: int, numel: int) -> ChunkContext:
+            return ChunkContext(
+                run, self.group_name, sender, receiver, kind, block_id, dtype_code, numel
+            )
+
+        return make
+
+    def _sealed_header(self, header: torch.Tensor, recv: dict[int, torch.Tensor]) -> None:
+        sealed = ChunkSealer(header.numel() * header.element_size()).sealed_bytes
+        self._sealed_p2p(
+            "header",
+            self._ctx(KIND_HEADER, -1, 255),
+            self._header_seq,
+            _HEADER_TAG,
+            sends={j: (header, torch.empty(sealed, dtype=torch.uint8)) for j in self.neighbours},
+            recvs={j: (torch.empty(sealed, dtype=torch.uint8), recv[j]) for j in self.neighbours},
+        )
+        self._header_seq += 1
+        self.stats.control_bytes += sealed * self.degree
+
+    def _sealed_p2p(
+        self,
+        what: str,
+        ctx: Callable[..., ChunkContext],
+        step: int,
+        tag: int,
+        sends: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        recvs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Seal ``plain`` chunk by chunk to each peer in ``sends`` ({peer: (plain, sealed
+        buffer)}) while receiving into ``recvs`` ({peer: (sealed buffer, plain out)}).
+
+        All receives are posted first; chunk k's sends go out before chunk k+1 is sealed, and
+        chunks are opened as they arrive, so the cipher overlaps the transfer (the AEAD calls
+        release the GIL). Every chunk from every peer is verified before this returns; any
+        failure raises :class:`GossipSecurityError` naming the peers, so no caller can mix a
+        half-verified block.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        incoming = self._post_sealed_recvs(what, tag, recvs)
+        outgoing = self._post_sealed_sends(what, ctx, step, tag, sends)
+        failures: dict[int, SealedOpenError] = {}
+        for peer, c, work, sealer in incoming:
+            self._wait(work, deadline, f"receiving {what} chunk {c} from", peer)
+            if peer in failures:
+                continue
+            sealed, plain = recvs[peer]
+            t0 = time.perf_counter()
+            try:
+                key = self._keys(peer)[1]
+                numel = plain.numel()
+                sealer.open_chunk(
+                    key, ctx(peer, self.rank, numel), step, c, byte_view(sealed), byte_view(plain)
+                )
+            except SealedOpenError as exc:
+                failures[peer] = exc
+            self.stats.crypto_seconds += time.perf_counter() - t0
+        for peer, c, work, _ in outgoing:
+            self._wait(work, deadline, f"sending {what} chunk {c} to", peer)
+        if failures:
+            raise self._sealed_failure(what, step, failures)
+        if what == "block":
+            self.stats.wire_bytes_sent += sum(b.numel() for _, b in sends.values())
+            self.stats.wire_bytes_received += sum(b.numel() for b, _ in recvs.values())
+
+    def _post_sealed_recvs(
+        self, what: str, tag: int, recvs: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[int, int, Any, ChunkSealer]]:
+        posted = []
+        sealers = {
+            j: ChunkSealer(p.numel() * p.element_size(), self.chunk_bytes)
+            for j, (_, p) in recvs.items()
+        }
+        count = max((s.count for s in sealers.values()), default=0)
+        for c in range(count):  # chunk-major: chunk 0 of every peer is opened first
+            for peer, (sealed, _) in recvs.items():
+                if c >= sealers[peer].count:
+                    continue
+                start, size = sealers[peer].sealed_span(c)
+                try:
+                    work = dist.irecv(sealed[start : start + size], peer, tag=tag + c)
+                except (RuntimeError, dist.DistError) as exc:
+                    raise self._p2p_error(f"posting the {what} receive from", peer, exc) from exc
+                posted.append((peer, c, work, sealers[peer]))
+        return posted
+
+    def _post_sealed_sends(
+        self,
+        what: str,
+        ctx: Callable[..., ChunkContext],
+        step: int,
+        tag: int,
+        sends: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> list[tuple[int, int, Any, Any]]:
+        posted = []
+        sealers = {
+            j: ChunkSealer(p.numel() * p.element_size(), self.chunk_bytes)
+            for j, (p, _) in sends.items()
+        }
+        views = {j: (byte_view(p), byte_view(b)) for j, (p, b) in sends.items()}
+        count = max((s.count for s in sealers.values()), default=0)
+        for c in range(count):
+            t0 = time.perf_counter()
+            spans = {}
+            for peer, (plain, sealed) in views.items():
+                if c < sealers[peer].count:
+                    numel = sends[peer][0].numel()
+                    sealers[peer].seal_chunk(
+                        self._keys(peer)[0], ctx(self.rank, peer, numel), step, c, plain, sealed
+                    )
+                    spans[peer] = sealers[peer].sealed_span(c)
+            self.stats.crypto_seconds += time.perf_counter() - t0
+            for peer, (start, size) in spans.items():
+                out = sends[peer][1][start : start + size]
+                if self._tap is not None:
+                    out = self._tapped(what, step, c, sealers[peer].count, peer, spans, sends, out)
+                try:
+                    work = dist.isend(out, peer, tag=tag + c)
+                except (RuntimeError, dist.DistError) as exc:
+                    raise self._p2p_error(f"posting the {what} send to", peer, exc) from exc
+                posted.append((peer, c, work, out))  # keep `out` alive until sent
+        return posted
+
+    def _tapped(
+        self,
+        what: str,
+        step: int,
+        c: int,
+        count: int,
+        peer: int,
+        spans: dict[int, tuple[int, int]],
+        sends: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hand a sealed chunk to the test/lab tap; send its replacement if it returns one."""
+        others = {j: byte_view(sends[j][1][a : a + n]) for j, (a, n) in spans.items() if j != peer}
+        block_id = self._key[1] if self._key is not None else -1
+        chunk = WireChunk(what, step, c, count, self.rank, peer, block_id, byte_view(out), others)
+        replacement = self._tap(chunk)
+        if replacement is None:
+            return out
+        return torch.tensor(bytearray(replacement), dtype=torch.uint8)
+
+    def _wait(self, work: Any, deadline: float, label: str, peer: int) -> None:
+        # timedelta(0) would mean "the group default"; keep at least 1 ms left.
+        left = timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
+        try:
+            work.wait(left)
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._p2p_error(label, peer, exc) from exc
+
+    def _sealed_failure(
+        self, what: str, step: int, failures: dict[int, SealedOpenError]
+    ) -> GossipSecurityError:
+        for peer, exc in failures.items():
+            self._payload_events.append(
+                security_event(
+                    f"{what} rejected",
+                    f"rank {peer}",
+                    exc.check,
+                    group=self.group_name,
+                    step=step,
+                    chunk=exc.chunk,
+                    receiver=self.rank,
+                )
+            )
+        problems = "; ".join(f"neighbour rank {j}: {exc}" for j, exc in failures.items())
+        return GossipSecurityError(
+            f"rank {self.rank}, group {self.group_name!r}: {what} from {problems}. Nothing was "
+            "mixed: this rank's state is unchanged. Someone on the path (or a member holding "
+            "another run's keys) altered the traffic; see docs/security.md",
+            self.events,
+        )
 
     def _run_p2p(
         self, send: torch.Tensor, recv: dict[int, torch.Tensor], tag: int, *, what: str
