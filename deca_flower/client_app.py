@@ -16,6 +16,7 @@ Replies carry only scalars and short lists: parameters never travel through Flow
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -120,6 +121,10 @@ def _reply(msg: Message, handler) -> Message:
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc()[-4000:],
         }
+        # Data-plane rejections ({"type": "security", ...}) travel as JSON strings.
+        events = getattr(err, "security_events", None)
+        if events:
+            payload["security_events"] = [json.dumps(e) for e in events]
     return Message(RecordDict({"reply": ConfigRecord(payload)}), reply_to=msg)
 
 
@@ -164,6 +169,7 @@ def _plan(msg: Message, context: Context) -> PhasePlan:
         neighbours=[int(j) for j in req["neighbours"]],
         weights=[float(w) for w in req["weights"]],
         self_weight=float(req["self_weight"]),
+        store_key=str(req.get("store_key", "")),
     )
 
 

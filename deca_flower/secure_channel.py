@@ -54,6 +54,7 @@ __all__ = [
     "EdgeKeys",
     "SealedOpenError",
     "StoreAuthError",
+    "describe_data_plane",
     "new_run_key",
     "parse_run_key",
     "run_fingerprint",
@@ -86,6 +87,25 @@ class SealedOpenError(ValueError):
 def security_event(what: str, source: str, check: str, **extra: Any) -> dict[str, Any]:
     """One rejection, in the shape ``metrics.jsonl`` records it: ``{"type": "security", ...}``."""
     return {"type": "security", "what": what, "from": source, "check": check, **extra}
+
+
+def describe_data_plane(encryption: str, backend: str) -> str:
+    """One line for the start of a run and for summary.md: is the data plane sealed?"""
+    if str(backend).lower() == "nccl":
+        return (
+            "data plane: NCCL, PLAINTEXT (gossip.encryption does not apply to NCCL: use it only "
+            "inside one trusted cluster)"
+        )
+    if encryption == "none":
+        return (
+            "data plane: PLAINTEXT (gossip.encryption=none): anyone who reaches the Gloo and "
+            "store ports can read and alter blocks; for a trusted network only"
+        )
+    nccl = " (NCCL, if gossip.backend=auto picks it, stays plaintext)" if backend == "auto" else ""
+    return (
+        f"data plane: {encryption} per edge (X25519 + HKDF-SHA256 keys per phase), rendezvous "
+        f"authenticated with HMAC-SHA256{nccl}"
+    )
 
 
 # ---------------------------------------------------------------------- run key

@@ -38,6 +38,7 @@ from deca_flower.reporting import (
     read_metrics,
     summary_markdown,
 )
+from deca_flower.secure_channel import describe_data_plane, new_run_key
 from deca_flower.task import build_topology
 from deca_flower.topology import describe, neighbours
 
@@ -65,6 +66,8 @@ class Coordinator:
         self.store, self.store_port = host_store(
             "0.0.0.0", cfg.gossip.store_port, timeout_s=cfg.gossip.timeout_s
         )
+        # Authenticates the gossip store; travels only in Flower messages (docs/security.md).
+        self.store_key = new_run_key()
         self.rank_to_node: dict[int, int] = {}
         self.phase = 0
         self.max_reply_values = 0
@@ -294,6 +297,7 @@ class Coordinator:
             "world_size": self.n,
             "group_name": f"run{self.run_id}/{tag}",
             "phase": self.phase,
+            "store_key": self.store_key,
         }
 
     def _send_to_ranks(self, request: dict[str, Any], message_type: str) -> dict[int, dict]:
@@ -378,6 +382,7 @@ class Coordinator:
             f"{self.cfg.train.rounds} rounds; gossip store on port {self.store_port}; "
             f"writing {self.run_dir.path}"
         )
+        Progress(0).note(describe_data_plane(self.cfg.gossip.encryption, self.cfg.gossip.backend))
 
 
 def _federation_hint(n: int) -> str:
