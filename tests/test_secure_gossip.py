@@ -486,3 +486,20 @@ def test_no_plaintext_block_reaches_the_socket(peers: PeerPool) -> None:
     # Positive control first: with encryption=none the capture does see the blocks.
     assert _windows_on_wire(peers, "none") > 0.5
     assert _windows_on_wire(peers, "aes-256-gcm") == 0.0
+
+
+def test_summary_says_whether_the_data_plane_was_sealed() -> None:
+    from deca_flower.reporting import summary_markdown
+
+    records = [
+        {"type": "phase", "bytes_sent": [1, 2]},
+        {"type": "coordinator", "max_reply_values": 0},
+    ]
+    sealed = summary_markdown(records, "gossip:\n  encryption: aes-256-gcm\n  backend: auto\n")
+    assert "data plane: aes-256-gcm per edge" in sealed
+    plain = summary_markdown(records, "gossip:\n  encryption: none\n  backend: gloo\n")
+    assert "data plane: PLAINTEXT (gossip.encryption=none)" in plain
+    nccl = summary_markdown(records, "gossip:\n  encryption: aes-256-gcm\n  backend: nccl\n")
+    assert "NCCL, PLAINTEXT" in nccl
+    # The in-process engine has no data plane: no such line.
+    assert "data plane" not in summary_markdown(records[:1], "gossip:\n  encryption: none\n")
