@@ -37,14 +37,16 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from deca_flower.gossip_errors import GossipError, GossipSecurityError
+from deca_flower.sealed_p2p import SealedLinks, WireChunk, WireTap
 from deca_flower.secure_channel import (
     DEFAULT_CHUNK_BYTES,
     ENCRYPTIONS,
@@ -52,15 +54,9 @@ from deca_flower.secure_channel import (
     KIND_PAYLOAD,
     KIND_REDUCE,
     AuthenticatedStore,
-    ChunkContext,
     ChunkSealer,
-    EdgeKeys,
-    SealedOpenError,
     StoreAuthError,
-    byte_view,
     parse_run_key,
-    run_fingerprint,
-    security_event,
 )
 
 __all__ = [
@@ -97,26 +93,6 @@ _ROW_SUM_TOL = 1e-6
 _SYMMETRY_TOL = 1e-9
 
 
-class GossipError(RuntimeError):
-    """A neighbour failed, timed out, or sent a block that does not fit.
-
-    The message names the neighbour rank, what was expected and what arrived, and the
-    setting to change. After a GossipError the group is unusable: call :meth:`GossipGroup.close`.
-    """
-
-
-class GossipSecurityError(GossipError):
-    """A neighbour's data (or a store value) failed authentication.
-
-    ``security_events`` lists the rejections as ``{"type": "security", "what", "from",
-    "check", ...}`` records, for the node to return in its reply (``metrics.jsonl``).
-    """
-
-    def __init__(self, message: str, events: list[dict[str, Any]]) -> None:
-        super().__init__(message)
-        self.security_events = list(events)
-
-
 @dataclass
 class GossipStats:
     """Traffic counters of one group (bytes this peer sent / received).
@@ -136,31 +112,6 @@ class GossipStats:
     wire_bytes_sent: int = 0
     wire_bytes_received: int = 0
     crypto_seconds: float = 0.0
-
-
-@dataclass
-class WireChunk:
-    """One message part about to be handed to the backend (the ``tap`` hook sees these).
-
-    ``data`` is exactly what goes to the socket (sealed bytes, or plaintext with
-    ``encryption="none"``) and may be modified in place; ``others`` holds the same part as
-    sealed for the other neighbours. Tests and the lab use a tap to play an on-path attacker
-    (capture, tamper, truncate, replay, reorder, splice): a tap that returns bytes sends those
-    instead. Never set one in production.
-    """
-
-    kind: str  # "header" | "block" | "reduce"
-    step: int
-    chunk: int
-    count: int
-    sender: int
-    receiver: int
-    block_id: int
-    data: memoryview
-    others: dict[int, memoryview] = field(default_factory=dict)
-
-
-WireTap = Callable[[WireChunk], bytes | None]
 
 
 def host_store(
@@ -363,15 +314,12 @@ class GossipGroup:
         self.wire_dtype = resolve_wire_dtype(wire_dtype)
         self.timeout_s = float(timeout_s)
         self.stats = GossipStats()
-        self._payload_events: list[dict[str, Any]] = []  # rejections (GossipSecurityError)
         self._auth: AuthenticatedStore | None = None
+        self._links: SealedLinks | None = None  # sealed transport, made at join
         self._run_key = parse_run_key(store_key)
         self.encryption = self._resolve_encryption(encryption)
         self.chunk_bytes = int(chunk_bytes)
         self._tap = tap
-        self._edge_keys: EdgeKeys | None = None
-        self._publics: dict[int, bytes] = {}
-        self._aead: dict[int, tuple[Any, Any]] = {}  # peer -> (send key, receive key)
         self._step = 0  # payload exchanges so far: the nonce's step, never reused per key
         self._header_seq = 0
         self._reduce_seq = 0
@@ -477,7 +425,8 @@ class GossipGroup:
     def events(self) -> list[dict[str, Any]]:
         """Every rejection so far: forged store values (also ones outlived) and bad payloads."""
         store_events = self._auth.events if self._auth is not None else []
-        return [*store_events, *self._payload_events]
+        payload_events = self._links.events if self._links is not None else []
+        return [*store_events, *payload_events]
 
     def _init_process_group(self, store: dist.Store) -> None:
         if self.backend == "nccl":
@@ -513,8 +462,15 @@ class GossipGroup:
         }
         if self.encrypted:
             # A fresh key pair per group: its public half is authenticated by the store's HMAC.
-            self._edge_keys = EdgeKeys(self._run_key, self.group_name, self.rank)
-            info["x25519"] = self._edge_keys.public.hex()
+            self._links = SealedLinks(
+                self.rank,
+                self.group_name,
+                self._run_key,
+                chunk_bytes=self.chunk_bytes,
+                tap=self._tap,
+                p2p_error=self._p2p_error,
+            )
+            info["x25519"] = self._links.public.hex()
         store.set(f"{_STORE_NS}/join/{self.rank}", json.dumps(info))
         keys = [f"{_STORE_NS}/join/{r}" for r in range(self.world_size)]
         try:
@@ -530,7 +486,9 @@ class GossipGroup:
         infos = [json.loads(raw) for raw in store.multi_get(keys)]
         self._check_rows(infos)
         if self.encrypted:
-            self._publics = {r: bytes.fromhex(info["x25519"]) for r, info in enumerate(infos)}
+            self._links.set_publics(
+                {r: bytes.fromhex(info["x25519"]) for r, info in enumerate(infos)}
+            )
 
     def _claim(self, store: dist.Store) -> None:
         """Claim this rank once per group; a second claim is a duplicate rank or reused name."""
@@ -607,8 +565,8 @@ class GossipGroup:
         """Leave the group and free torch.distributed's default group for the next one."""
         joined, self._joined, self._broken = self._joined, False, True
         self._buffers.clear()
-        self._aead.clear()  # the group's keys die with it: the next group makes new ones
-        self._edge_keys = None
+        if self._links is not None:
+            self._links.close()  # the group's keys die with it: the next group makes new ones
         self._store = None
         if joined and dist.is_initialized():
             dist.destroy_process_group()
@@ -716,15 +674,38 @@ class GossipGroup:
         nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
         size_send = ChunkSealer(send.numel() * 4, self.chunk_bytes).sealed_bytes
         size_recv = ChunkSealer(recv.numel() * 4, self.chunk_bytes).sealed_bytes
-        self._sealed_p2p(
+        self._sealed(
             "reduce",
-            self._ctx(KIND_REDUCE, -2, 0),
+            self._links.ctx(KIND_REDUCE, -2, 0),
             self._reduce_seq,
             _REDUCE_TAG,
             sends={nxt: (send.contiguous(), torch.empty(size_send, dtype=torch.uint8))},
             recvs={prv: (torch.empty(size_recv, dtype=torch.uint8), recv)},
         )
         self._reduce_seq += 1
+
+    def _sealed(self, what: str, *args: Any, **kw: Any) -> None:
+        """One sealed exchange; keeps the crypto time and every rejection in view."""
+        try:
+            self._links.exchange(what, *args, timeout_s=self.timeout_s, **kw)
+        except GossipSecurityError as exc:
+            exc.security_events = self.events  # also the store's rejections so far
+            raise
+        finally:
+            self.stats.crypto_seconds = self._links.crypto_seconds
+
+    def _sealed_header(self, header: torch.Tensor, recv: dict[int, torch.Tensor]) -> None:
+        sealed = ChunkSealer(header.numel() * header.element_size()).sealed_bytes
+        self._sealed(
+            "header",
+            self._links.ctx(KIND_HEADER, -1, 255),
+            self._header_seq,
+            _HEADER_TAG,
+            sends={j: (header, torch.empty(sealed, dtype=torch.uint8)) for j in self.neighbours},
+            recvs={j: (torch.empty(sealed, dtype=torch.uint8), recv[j]) for j in self.neighbours},
+        )
+        self._header_seq += 1
+        self.stats.control_bytes += sealed * self.degree
 
     def _check_open(self) -> None:
         if self._broken or not self._joined:
@@ -822,205 +803,12 @@ class GossipGroup:
             self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
             return
         bufs = self._buffers
-        self._sealed_p2p(
-            "block",
-            self._ctx(KIND_PAYLOAD, block_id, self._wire_code),
-            self._step,
-            self._tag,
-            sends={j: (send, bufs["sealed_send"][j]) for j in self.neighbours},
-            recvs={j: (bufs["sealed_recv"][j], bufs["recv"][j]) for j in self.neighbours},
-        )
-
-    # ------------------------------------------------------------------ sealed transport
-
-    def _keys(self, peer: int) -> tuple[Any, Any]:
-        """(AEAD for this rank -> peer, AEAD for peer -> this rank), derived on first use."""
-        if peer not in self._aead:
-            if self._edge_keys is None or peer not in self._publics:
-                raise GossipError(
-                    f"rank {self.rank}: no key for neighbour rank {peer} in group "
-                    f"{self.group_name!r}: refusing to send in plaintext"
-                )
-            self._aead[peer] = self._edge_keys.derive(peer, self._publics[peer])
-        return self._aead[peer]
-
-    def _ctx(self, kind: int, block_id: int, dtype_code: int) -> Callable[..., ChunkContext]:
-        """AAD fields for (sender, receiver, numel): the receiver fills in what it expects."""
-        run = run_fingerprint(self._run_key)
-
-        def make(sender: int, receiver: int, numel: int) -> ChunkContext:
-            return ChunkContext(
-                run, self.group_name, sender, receiver, kind, block_id, dtype_code, numel
-            )
-
-        return make
-
-    def _sealed_header(self, header: torch.Tensor, recv: dict[int, torch.Tensor]) -> None:
-        sealed = ChunkSealer(header.numel() * header.element_size()).sealed_bytes
-        self._sealed_p2p(
-            "header",
-            self._ctx(KIND_HEADER, -1, 255),
-            self._header_seq,
-            _HEADER_TAG,
-            sends={j: (header, torch.empty(sealed, dtype=torch.uint8)) for j in self.neighbours},
-            recvs={j: (torch.empty(sealed, dtype=torch.uint8), recv[j]) for j in self.neighbours},
-        )
-        self._header_seq += 1
-        self.stats.control_bytes += sealed * self.degree
-
-    def _sealed_p2p(
-        self,
-        what: str,
-        ctx: Callable[..., ChunkContext],
-        step: int,
-        tag: int,
-        sends: dict[int, tuple[torch.Tensor, torch.Tensor]],
-        recvs: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """Seal ``plain`` chunk by chunk to each peer in ``sends`` ({peer: (plain, sealed
-        buffer)}) while receiving into ``recvs`` ({peer: (sealed buffer, plain out)}).
-
-        All receives are posted first; chunk k's sends go out before chunk k+1 is sealed, and
-        chunks are opened as they arrive, so the cipher overlaps the transfer (the AEAD calls
-        release the GIL). Every chunk from every peer is verified before this returns; any
-        failure raises :class:`GossipSecurityError` naming the peers, so no caller can mix a
-        half-verified block.
-        """
-        deadline = time.monotonic() + self.timeout_s
-        incoming = self._post_sealed_recvs(what, tag, recvs)
-        outgoing = self._post_sealed_sends(what, ctx, step, tag, sends)
-        failures: dict[int, SealedOpenError] = {}
-        for peer, c, work, sealer in incoming:
-            self._wait(work, deadline, f"receiving {what} chunk {c} from", peer)
-            if peer in failures:
-                continue
-            sealed, plain = recvs[peer]
-            t0 = time.perf_counter()
-            try:
-                key = self._keys(peer)[1]
-                numel = plain.numel()
-                sealer.open_chunk(
-                    key, ctx(peer, self.rank, numel), step, c, byte_view(sealed), byte_view(plain)
-                )
-            except SealedOpenError as exc:
-                failures[peer] = exc
-            self.stats.crypto_seconds += time.perf_counter() - t0
-        for peer, c, work, _ in outgoing:
-            self._wait(work, deadline, f"sending {what} chunk {c} to", peer)
-        if failures:
-            raise self._sealed_failure(what, step, failures)
-        if what == "block":
-            self.stats.wire_bytes_sent += sum(b.numel() for _, b in sends.values())
-            self.stats.wire_bytes_received += sum(b.numel() for b, _ in recvs.values())
-
-    def _post_sealed_recvs(
-        self, what: str, tag: int, recvs: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    ) -> list[tuple[int, int, Any, ChunkSealer]]:
-        posted = []
-        sealers = {
-            j: ChunkSealer(p.numel() * p.element_size(), self.chunk_bytes)
-            for j, (_, p) in recvs.items()
-        }
-        count = max((s.count for s in sealers.values()), default=0)
-        for c in range(count):  # chunk-major: chunk 0 of every peer is opened first
-            for peer, (sealed, _) in recvs.items():
-                if c >= sealers[peer].count:
-                    continue
-                start, size = sealers[peer].sealed_span(c)
-                try:
-                    work = dist.irecv(sealed[start : start + size], peer, tag=tag + c)
-                except (RuntimeError, dist.DistError) as exc:
-                    raise self._p2p_error(f"posting the {what} receive from", peer, exc) from exc
-                posted.append((peer, c, work, sealers[peer]))
-        return posted
-
-    def _post_sealed_sends(
-        self,
-        what: str,
-        ctx: Callable[..., ChunkContext],
-        step: int,
-        tag: int,
-        sends: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    ) -> list[tuple[int, int, Any, Any]]:
-        posted = []
-        sealers = {
-            j: ChunkSealer(p.numel() * p.element_size(), self.chunk_bytes)
-            for j, (p, _) in sends.items()
-        }
-        views = {j: (byte_view(p), byte_view(b)) for j, (p, b) in sends.items()}
-        count = max((s.count for s in sealers.values()), default=0)
-        for c in range(count):
-            t0 = time.perf_counter()
-            spans = {}
-            for peer, (plain, sealed) in views.items():
-                if c < sealers[peer].count:
-                    numel = sends[peer][0].numel()
-                    sealers[peer].seal_chunk(
-                        self._keys(peer)[0], ctx(self.rank, peer, numel), step, c, plain, sealed
-                    )
-                    spans[peer] = sealers[peer].sealed_span(c)
-            self.stats.crypto_seconds += time.perf_counter() - t0
-            for peer, (start, size) in spans.items():
-                out = sends[peer][1][start : start + size]
-                if self._tap is not None:
-                    out = self._tapped(what, step, c, sealers[peer].count, peer, spans, sends, out)
-                try:
-                    work = dist.isend(out, peer, tag=tag + c)
-                except (RuntimeError, dist.DistError) as exc:
-                    raise self._p2p_error(f"posting the {what} send to", peer, exc) from exc
-                posted.append((peer, c, work, out))  # keep `out` alive until sent
-        return posted
-
-    def _tapped(
-        self,
-        what: str,
-        step: int,
-        c: int,
-        count: int,
-        peer: int,
-        spans: dict[int, tuple[int, int]],
-        sends: dict[int, tuple[torch.Tensor, torch.Tensor]],
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """Hand a sealed chunk to the test/lab tap; send its replacement if it returns one."""
-        others = {j: byte_view(sends[j][1][a : a + n]) for j, (a, n) in spans.items() if j != peer}
-        block_id = self._key[1] if self._key is not None else -1
-        chunk = WireChunk(what, step, c, count, self.rank, peer, block_id, byte_view(out), others)
-        replacement = self._tap(chunk)
-        if replacement is None:
-            return out
-        return torch.tensor(bytearray(replacement), dtype=torch.uint8)
-
-    def _wait(self, work: Any, deadline: float, label: str, peer: int) -> None:
-        # timedelta(0) would mean "the group default"; keep at least 1 ms left.
-        left = timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
-        try:
-            work.wait(left)
-        except (RuntimeError, dist.DistError) as exc:
-            raise self._p2p_error(label, peer, exc) from exc
-
-    def _sealed_failure(
-        self, what: str, step: int, failures: dict[int, SealedOpenError]
-    ) -> GossipSecurityError:
-        for peer, exc in failures.items():
-            self._payload_events.append(
-                security_event(
-                    f"{what} rejected",
-                    f"rank {peer}",
-                    exc.check,
-                    group=self.group_name,
-                    step=step,
-                    chunk=exc.chunk,
-                    receiver=self.rank,
-                )
-            )
-        problems = "; ".join(f"neighbour rank {j}: {exc}" for j, exc in failures.items())
-        return GossipSecurityError(
-            f"rank {self.rank}, group {self.group_name!r}: {what} from {problems}. Nothing was "
-            "mixed: this rank's state is unchanged. Someone on the path (or a member holding "
-            "another run's keys) altered the traffic; see docs/security.md",
-            self.events,
-        )
+        sends = {j: (send, bufs["sealed_send"][j]) for j in self.neighbours}
+        recvs = {j: (bufs["sealed_recv"][j], bufs["recv"][j]) for j in self.neighbours}
+        ctx = self._links.ctx(KIND_PAYLOAD, block_id, self._wire_code)
+        self._sealed("block", ctx, self._step, self._tag, sends, recvs, block_id=block_id)
+        self.stats.wire_bytes_sent += sum(b.numel() for _, b in sends.values())
+        self.stats.wire_bytes_received += sum(b.numel() for b, _ in recvs.values())
 
     def _run_p2p(
         self, send: torch.Tensor, recv: dict[int, torch.Tensor], tag: int, *, what: str
