@@ -20,6 +20,14 @@ Wire protocol of one :class:`GossipGroup`:
 3. payload (a tag derived from the header), every step: exactly ``numel`` elements of the
    wire dtype to each neighbour and nothing else (invariant 12).
 
+Security (``gossip.encryption``, default ``aes-256-gcm``; ``docs/security.md``): with the
+run's key every store value carries an HMAC (:class:`~deca_flower.secure_channel.
+AuthenticatedStore`, also under Gloo's own rendezvous), the join entry carries a fresh X25519
+public key, and the header and every payload travel sealed per directed edge in 8 MiB
+AES-256-GCM chunks (:class:`~deca_flower.sealed_p2p.SealedLinks`), all verified before
+anything is mixed. Without the key an encrypted group refuses to start; ``"none"`` is
+plaintext (the store is still authenticated when a key is given); NCCL is always plaintext.
+
 Mixing order (shared with the in-process engine through :func:`mix_blocks`)::
 
     mixed_i = zeros(fp32)
