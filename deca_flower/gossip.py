@@ -132,7 +132,10 @@ def host_store(
 
     ``port=0`` lets the OS pick a free port. ``host`` "0.0.0.0" (or "" / "::") listens on all
     interfaces; any other address binds that interface only (torch's TCPStore would otherwise
-    listen everywhere). The store is unauthenticated: expose it only on a trusted network.
+    listen everywhere). The store itself accepts anyone: peers authenticate every value they
+    write and read with the run's key (``AuthenticatedStore``), but anyone who reaches the
+    port can still delete or overwrite keys (a denial of service): firewall it
+    (docs/security.md).
     Keep the returned store alive for as long as peers may join groups: the server dies with it.
     """
     listen_fd = None
