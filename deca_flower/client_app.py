@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from torch.distributed import TCPStore
 
 from deca_flower.flower_config import config_from_run_config
+from deca_flower.gossip import handshake_barrier
 from deca_flower.node import PhasePlan, get_node
 
 app = ClientApp()
@@ -175,25 +173,12 @@ def _plan(msg: Message, context: Context) -> PhasePlan:
 
 def _barrier(request: ConfigRecord, rank: int) -> None:
     """Arrive at the coordinator's store and wait until all peers have arrived."""
-    host, port = str(request["store_host"]), int(request["store_port"])
-    world, timeout = int(request["world_size"]), float(request["barrier_timeout_s"])
-    store = TCPStore(
-        host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+    handshake_barrier(
+        str(request["store_host"]),
+        int(request["store_port"]),
+        str(request["group_name"]),
+        rank,
+        int(request["world_size"]),
+        float(request["barrier_timeout_s"]),
+        store_key=str(request.get("store_key", "")),
     )
-    key = f"{request['group_name']}/arrived"
-    failed = f"{request['group_name']}/gave-up"
-    store.add(key, 1)
-    deadline = time.monotonic() + timeout
-    while (arrived := store.add(key, 0)) < world:
-        if time.monotonic() > deadline:
-            store.add(failed, 1)
-            raise TimeoutError(
-                f"only {arrived} of {world} DECA peers were running at the same time after "
-                f"{timeout:.0f} s (rank {rank} waited)"
-            )
-        time.sleep(0.2)
-    if store.add(failed, 0):  # we arrived last, after others had given up waiting for us
-        raise TimeoutError(
-            f"rank {rank} arrived after other peers gave up: not all {world} DECA peers were "
-            "running at the same time"
-        )

@@ -74,6 +74,7 @@ __all__ = [
     "WireChunk",
     "GossipStats",
     "choose_backend",
+    "handshake_barrier",
     "host_store",
     "mix_blocks",
     "resolve_wire_dtype",
@@ -155,6 +156,74 @@ def host_store(
         master_listen_fd=listen_fd,
     )
     return store, int(store.port)
+
+
+def handshake_barrier(
+    host: str,
+    port: int,
+    group_name: str,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
+    *,
+    store_key: str | bytes | None = None,
+) -> None:
+    """Arrive at the coordinator's store and wait until all ``world_size`` peers have.
+
+    Raises TimeoutError if they are not all there within ``timeout_s``, or if this peer
+    arrived after others gave up. With the run's key each arrival is an authenticated entry
+    (a forged one is recorded and ignored); without it, plain counters (trusted networks).
+    """
+    client = dist.TCPStore(
+        host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+    )
+    run_key = parse_run_key(store_key)
+    if run_key is None:
+        arrived, gave_up = _counter_barrier(client, group_name, world_size, timeout_s)
+    else:
+        store = AuthenticatedStore(
+            dist.PrefixStore(group_name, client), run_key, rank, group_name, timeout_s
+        )
+        arrived, gave_up = _sealed_barrier(store, rank, world_size, timeout_s)
+    if arrived < world_size:
+        raise TimeoutError(
+            f"only {arrived} of {world_size} DECA peers were running at the same time after "
+            f"{timeout_s:.0f} s (rank {rank} waited)"
+        )
+    if gave_up:  # we arrived last, after others had given up waiting for us
+        raise TimeoutError(
+            f"rank {rank} arrived after other peers gave up: not all {world_size} DECA peers "
+            "were running at the same time"
+        )
+
+
+def _counter_barrier(
+    store: dist.Store, group_name: str, world_size: int, timeout_s: float
+) -> tuple[int, bool]:
+    key, failed = f"{group_name}/arrived", f"{group_name}/gave-up"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while (arrived := store.add(key, 0)) < world_size:
+        if time.monotonic() > deadline:
+            store.add(failed, 1)
+            return arrived, True
+        time.sleep(0.2)
+    return arrived, bool(store.add(failed, 0))
+
+
+def _sealed_barrier(
+    store: AuthenticatedStore, rank: int, world_size: int, timeout_s: float
+) -> tuple[int, bool]:
+    store.set(f"arrived/{rank}", b"1")
+    deadline = time.monotonic() + timeout_s
+    while (arrived := sum(store.peek(f"arrived/{r}") is not None for r in range(world_size))) < (
+        world_size
+    ):
+        if time.monotonic() > deadline:
+            store.set(f"gave-up/{rank}", b"1")
+            return arrived, True
+        time.sleep(0.2)
+    return arrived, any(store.peek(f"gave-up/{r}") is not None for r in range(world_size))
 
 
 def choose_backend(requested: str = "auto", device: torch.device | str = "cpu") -> str:

@@ -223,6 +223,16 @@ class AuthenticatedStore(dist.Store):
                 )
             time.sleep(_RETRY_S)
 
+    def peek(self, key: str) -> bytes | None:
+        """The verified value if ``key`` holds one now, else None (a forgery is recorded)."""
+        if not self.inner.check([key]):
+            return None
+        raw = bytes(self.inner.get(key))
+        value, rank, why = self.verify(key, raw)
+        if value is None:
+            self._reject(key, raw, rank, why)
+        return value
+
     def multi_get(self, keys: list[str]) -> list[bytes]:
         return [self.get(k) for k in keys]
 

@@ -503,3 +503,27 @@ def test_summary_says_whether_the_data_plane_was_sealed() -> None:
     assert "NCCL, PLAINTEXT" in nccl
     # The in-process engine has no data plane: no such line.
     assert "data plane" not in summary_markdown(records[:1], "gossip:\n  encryption: none\n")
+
+
+def test_handshake_barrier_counts_only_authenticated_arrivals(port: int) -> None:
+    from deca_flower.gossip import handshake_barrier
+
+    name = unique("barrier")
+    _raw(port, name).set("arrived/1", b"1")  # a non-member "arrives" as rank 1
+    with pytest.raises(TimeoutError, match="only 1 of 2 DECA peers"):
+        handshake_barrier(HOST, port, name, 0, 2, 1.0, store_key=RUN_KEY)
+    name = unique("barrier-ok")
+    errors: list[BaseException] = []
+
+    def arrive(rank: int) -> None:
+        try:
+            handshake_barrier(HOST, port, name, rank, 2, 10.0, store_key=RUN_KEY)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=arrive, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not errors
