@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from deca_flower.blocks import BLOCK_ORDERS
 from deca_flower.methods import METHODS
 from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
+from deca_flower.secure_channel import ENCRYPTIONS
 from deca_flower.topology import MIXING_RULES, TOPOLOGIES
 
 PRESET_GROUPS = ("model", "data", "topology", "algorithm")
@@ -117,6 +118,10 @@ class GossipConfig:
     timeout_s: float = 120.0
     store_port: int = 0  # 0 = pick a free port
     advertise_host: str = "127.0.0.1"  # address peers use to reach the coordinator's store
+    # aes-256-gcm: every block sealed per edge, rendezvous authenticated (docs/security.md);
+    # none: plaintext data plane, only for a trusted network (printed and recorded as such).
+    # NCCL (gossip.backend=nccl) is always plaintext.
+    encryption: str = "aes-256-gcm"
 
 
 @dataclass
@@ -178,6 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.wire_dtype": ("float32", "model"),
     "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
+    "gossip.encryption": ENCRYPTIONS,
     "flower.phase": ("auto", "block", "round"),
     "faults.on_peer_loss": ("continue", "wait", "stop"),
 }

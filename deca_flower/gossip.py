@@ -20,6 +20,14 @@ Wire protocol of one :class:`GossipGroup`:
 3. payload (a tag derived from the header), every step: exactly ``numel`` elements of the
    wire dtype to each neighbour and nothing else (invariant 12).
 
+Security (``gossip.encryption``, default ``aes-256-gcm``; ``docs/security.md``): with the
+run's key every store value carries an HMAC (:class:`~deca_flower.secure_channel.
+AuthenticatedStore`, also under Gloo's own rendezvous), the join entry carries a fresh X25519
+public key, and the header and every payload travel sealed per directed edge in 8 MiB
+AES-256-GCM chunks (:class:`~deca_flower.sealed_p2p.SealedLinks`), all verified before
+anything is mixed. Without the key an encrypted group refuses to start; ``"none"`` is
+plaintext (the store is still authenticated when a key is given); NCCL is always plaintext.
+
 Mixing order (shared with the in-process engine through :func:`mix_blocks`)::
 
     mixed_i = zeros(fp32)
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 import zlib
@@ -44,11 +53,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deca_flower.gossip_errors import GossipError, GossipSecurityError
+from deca_flower.sealed_p2p import SealedLinks, WireChunk, WireTap
+from deca_flower.secure_channel import (
+    DEFAULT_CHUNK_BYTES,
+    ENCRYPTIONS,
+    KIND_HEADER,
+    KIND_PAYLOAD,
+    KIND_REDUCE,
+    AuthenticatedStore,
+    ChunkSealer,
+    StoreAuthError,
+    parse_run_key,
+)
+
 __all__ = [
     "GossipError",
     "GossipGroup",
+    "GossipSecurityError",
+    "WireChunk",
     "GossipStats",
     "choose_backend",
+    "handshake_barrier",
     "host_store",
     "mix_blocks",
     "resolve_wire_dtype",
@@ -70,17 +96,10 @@ _WIRE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _HEADER_MAGIC = 0x0DECA
 _HEADER_LEN = 5  # magic, sender rank, numel, block id, wire code
 _HEADER_TAG = 0
+_REDUCE_TAG = (1 << 30) + (1 << 25)  # above every block tag (1 + crc % 2**30 + chunk)
 _STORE_NS = "deca-gossip"  # our keys inside the group prefix; torch's own keys live elsewhere
 _ROW_SUM_TOL = 1e-6
 _SYMMETRY_TOL = 1e-9
-
-
-class GossipError(RuntimeError):
-    """A neighbour failed, timed out, or sent a block that does not fit.
-
-    The message names the neighbour rank, what was expected and what arrived, and the
-    setting to change. After a GossipError the group is unusable: call :meth:`GossipGroup.close`.
-    """
 
 
 @dataclass
@@ -89,6 +108,9 @@ class GossipStats:
 
     ``bytes_sent``/``bytes_received`` count block payload only (invariant 12); the per-group
     header goes to ``control_bytes`` (sent). ``seconds`` is wall time inside exchanges.
+    ``wire_bytes_sent``/``wire_bytes_received`` count what the block payload took on the wire:
+    with encryption, the payload plus one 16-byte tag per chunk; ``crypto_seconds`` is the
+    time spent sealing and opening (partly overlapped with the transfer).
     """
 
     bytes_sent: int = 0
@@ -96,6 +118,9 @@ class GossipStats:
     seconds: float = 0.0
     exchanges: int = 0
     control_bytes: int = 0
+    wire_bytes_sent: int = 0
+    wire_bytes_received: int = 0
+    crypto_seconds: float = 0.0
 
 
 def host_store(
@@ -108,7 +133,10 @@ def host_store(
 
     ``port=0`` lets the OS pick a free port. ``host`` "0.0.0.0" (or "" / "::") listens on all
     interfaces; any other address binds that interface only (torch's TCPStore would otherwise
-    listen everywhere). The store is unauthenticated: expose it only on a trusted network.
+    listen everywhere). The store itself accepts anyone: peers authenticate every value they
+    write and read with the run's key (``AuthenticatedStore``), but anyone who reaches the
+    port can still delete or overwrite keys (a denial of service): firewall it
+    (docs/security.md).
     Keep the returned store alive for as long as peers may join groups: the server dies with it.
     """
     listen_fd = None
@@ -128,6 +156,84 @@ def host_store(
         master_listen_fd=listen_fd,
     )
     return store, int(store.port)
+
+
+def handshake_barrier(
+    host: str,
+    port: int,
+    group_name: str,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
+    *,
+    store_key: str | bytes | None = None,
+) -> None:
+    """Arrive at the coordinator's store and wait until all ``world_size`` peers have.
+
+    Raises TimeoutError if they are not all there within ``timeout_s``, or if this peer
+    arrived after others gave up. With the run's key each arrival is an authenticated entry
+    (a forged one is recorded and ignored); without it, plain counters (trusted networks).
+    """
+    try:
+        client = dist.TCPStore(
+            host, port, is_master=False, wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+        )  # fmt: skip
+    except Exception as err:  # DistNetworkError, TimeoutError, socket errors
+        raise ConnectionError(
+            f"rank {rank} could not reach the gossip store at {host}:{port} within "
+            f"{timeout_s:.0f} s ({type(err).__name__}). Set gossip.advertise_host (run config "
+            "overrides) to an address of the coordinator's host that every site can reach, or "
+            "the site's `store-host` in --node-config, and open that port (gossip.store_port) "
+            "to the sites"
+        ) from None
+    run_key = parse_run_key(store_key)
+    if run_key is None:
+        arrived, gave_up = _counter_barrier(client, group_name, world_size, timeout_s)
+    else:
+        store = AuthenticatedStore(
+            dist.PrefixStore(group_name, client), run_key, rank, group_name, timeout_s
+        )
+        arrived, gave_up = _sealed_barrier(store, rank, world_size, timeout_s)
+    if arrived < world_size:
+        raise TimeoutError(
+            f"only {arrived} of {world_size} DECA peers were running at the same time after "
+            f"{timeout_s:.0f} s (rank {rank} waited)"
+        )
+    if gave_up:  # we arrived last, after others had given up waiting for us
+        raise TimeoutError(
+            f"rank {rank} arrived after other peers gave up: not all {world_size} DECA peers "
+            "were running at the same time"
+        )
+
+
+def _counter_barrier(
+    store: dist.Store, group_name: str, world_size: int, timeout_s: float
+) -> tuple[int, bool]:
+    key, failed = f"{group_name}/arrived", f"{group_name}/gave-up"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while (arrived := store.add(key, 0)) < world_size:
+        if time.monotonic() > deadline:
+            store.add(failed, 1)
+            return arrived, True
+        time.sleep(0.2)
+    return arrived, bool(store.add(failed, 0))
+
+
+def _sealed_barrier(
+    store: AuthenticatedStore, rank: int, world_size: int, timeout_s: float
+) -> tuple[int, bool]:
+    store.set(f"arrived/{rank}", b"1")
+    deadline = time.monotonic() + timeout_s
+    while (arrived := sum(store.peek(f"arrived/{r}") is not None for r in range(world_size))) < (
+        world_size
+    ):
+        if time.monotonic() > deadline:
+            store.set(f"gave-up/{rank}", b"1")
+            return arrived, True
+        time.sleep(0.2)
+    return arrived, any(store.peek(f"gave-up/{r}") is not None for r in range(world_size))
 
 
 def choose_backend(requested: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -281,6 +387,10 @@ class GossipGroup:
         device: torch.device | str = "cpu",
         wire_dtype: torch.dtype | str | None = None,
         timeout_s: float = 300,
+        encryption: str = "aes-256-gcm",
+        store_key: str | bytes | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        tap: WireTap | None = None,
     ) -> None:
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -294,6 +404,15 @@ class GossipGroup:
         self.wire_dtype = resolve_wire_dtype(wire_dtype)
         self.timeout_s = float(timeout_s)
         self.stats = GossipStats()
+        self._auth: AuthenticatedStore | None = None
+        self._links: SealedLinks | None = None  # sealed transport, made at join
+        self._run_key = parse_run_key(store_key)
+        self.encryption = self._resolve_encryption(encryption)
+        self.chunk_bytes = int(chunk_bytes)
+        self._tap = tap
+        self._step = 0  # payload exchanges so far: the nonce's step, never reused per key
+        self._header_seq = 0
+        self._reduce_seq = 0
         # Gloo moves host memory only: blocks on a GPU are staged through (pinned) CPU buffers.
         self._comm_device = self.device if self.backend == "nccl" else torch.device("cpu")
         self._key: tuple[int, int] | None = None
@@ -305,6 +424,35 @@ class GossipGroup:
         self._join(store_host, int(store_port))
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _resolve_encryption(self, encryption: str) -> str:
+        """Fail closed: encryption needs the run key; only an explicit "none" is plaintext."""
+        name = str(encryption).strip().lower()
+        if name not in ENCRYPTIONS:
+            raise ValueError(
+                f"gossip.encryption={encryption!r} is not supported; use one of {list(ENCRYPTIONS)}"
+            )
+        if name == "none":
+            return "none"
+        if self.backend == "nccl":
+            # NCCL moves GPU memory directly; sealing would stage every block through the host.
+            log.warning(
+                "rank %d: gossip.backend=nccl is plaintext: gossip.encryption does not apply "
+                "(use NCCL only inside one trusted cluster)",
+                self.rank,
+            )
+            return "none"
+        if self._run_key is None:
+            raise GossipError(
+                f"rank {self.rank}: gossip.encryption={name!r} but this node has no keys for "
+                f"group {self.group_name!r} (the coordinator's store key did not arrive): "
+                "refusing to send. Plaintext needs an explicit gossip.encryption=none"
+            )
+        return name
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != "none"
 
     @staticmethod
     def _normalise_device(device: torch.device | str) -> torch.device:
@@ -325,6 +473,8 @@ class GossipGroup:
             self._rendezvous(self._store)
         except GossipError:
             raise
+        except StoreAuthError as exc:
+            raise self._store_error(exc) from exc
         except (RuntimeError, dist.DistError) as exc:  # the coordinator went away mid-join
             raise GossipError(
                 f"rank {self.rank}: lost the coordinator's store at {host}:{port} while joining "
@@ -346,7 +496,27 @@ class GossipGroup:
                 "phase message and the firewall, or raise gossip.timeout_s"
             ) from exc
         # One prefix per phase: groups of different phases never see each other's keys.
-        return dist.PrefixStore(self.group_name, client)
+        store = dist.PrefixStore(self.group_name, client)
+        if self._run_key is None:
+            return store
+        self._auth = AuthenticatedStore(
+            store, self._run_key, self.rank, self.group_name, timeout_s=self.timeout_s
+        )
+        return self._auth
+
+    def _store_error(self, exc: BaseException) -> GossipError:
+        """A store value that never verified: name the key and the claimed rank."""
+        return GossipSecurityError(
+            f"rank {self.rank}, group {self.group_name!r}: rendezvous rejected: {_first_line(exc)}",
+            self.events,
+        )
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every rejection so far: forged store values (also ones outlived) and bad payloads."""
+        store_events = self._auth.events if self._auth is not None else []
+        payload_events = self._links.events if self._links is not None else []
+        return [*store_events, *payload_events]
 
     def _init_process_group(self, store: dist.Store) -> None:
         if self.backend == "nccl":
@@ -361,6 +531,8 @@ class GossipGroup:
                 device_id=self.device if self.backend == "nccl" else None,
             )
         except (RuntimeError, dist.DistError) as exc:
+            if "store key" in str(exc) and isinstance(store, AuthenticatedStore):
+                raise self._store_error(exc) from exc  # Gloo's address exchange was forged
             raise GossipError(
                 f"rank {self.rank}: could not set up the {self.backend} group "
                 f"{self.group_name!r} ({_first_line(exc)}); raise gossip.timeout_s if peers "
@@ -369,20 +541,26 @@ class GossipGroup:
 
     def _rendezvous(self, store: dist.Store) -> None:
         """Publish this row of W, wait for every rank, and check the rows agree."""
-        claims = store.add(f"{_STORE_NS}/claim/{self.rank}", 1)
-        if claims != 1:
-            raise GossipError(
-                f"rank {self.rank} joined group {self.group_name!r} {claims} times: two peers "
-                "share one rank (check partition-id in the node config), or the coordinator "
-                "reused a group name; group names must be unique per phase attempt"
-            )
+        self._claim(store)
         info = {
             "world_size": self.world_size,
             "backend": self.backend,
             "wire": self._wire_code,
             "neighbours": {str(j): w for j, w in self.weights.items()},
             "device": _device_id(self.device),
+            "encryption": self.encryption,
         }
+        if self.encrypted:
+            # A fresh key pair per group: its public half is authenticated by the store's HMAC.
+            self._links = SealedLinks(
+                self.rank,
+                self.group_name,
+                self._run_key,
+                chunk_bytes=self.chunk_bytes,
+                tap=self._tap,
+                p2p_error=self._p2p_error,
+            )
+            info["x25519"] = self._links.public.hex()
         store.set(f"{_STORE_NS}/join/{self.rank}", json.dumps(info))
         keys = [f"{_STORE_NS}/join/{r}" for r in range(self.world_size)]
         try:
@@ -397,16 +575,49 @@ class GossipGroup:
             ) from exc
         infos = [json.loads(raw) for raw in store.multi_get(keys)]
         self._check_rows(infos)
+        if self.encrypted:
+            self._links.set_publics(
+                {r: bytes.fromhex(info["x25519"]) for r, info in enumerate(infos)}
+            )
+
+    def _claim(self, store: dist.Store) -> None:
+        """Claim this rank once per group; a second claim is a duplicate rank or reused name."""
+        key = f"{_STORE_NS}/claim/{self.rank}"
+        duplicate = GossipError(
+            f"rank {self.rank} joined group {self.group_name!r} 2 times: two peers "
+            "share one rank (check partition-id in the node config), or the coordinator "
+            "reused a group name; group names must be unique per phase attempt"
+        )
+        if not isinstance(store, AuthenticatedStore):
+            claims = store.add(key, 1)
+            if claims != 1:
+                raise GossipError(str(duplicate).replace("2 times", f"{claims} times"))
+            return
+        token = json.dumps({"rank": self.rank, "nonce": os.urandom(16).hex()})
+        mine = store.seal(key, token)
+        current = store.compare_set(key, "", token)
+        if current == mine:
+            return
+        if store.verify(key, current)[0] is not None:
+            raise duplicate  # a member holding the run key claimed this rank first
+        # A forged claim (no run key): record it, and take the rank with our valid claim.
+        store.reject(key, current)
+        store.set(key, token)
 
     def _check_rows(self, infos: list[dict[str, Any]]) -> None:
         """Every rank checks the whole W it can see, so all ranks fail together, by name."""
-        mine = {"world_size": self.world_size, "backend": self.backend, "wire": self._wire_code}
+        mine = {
+            "world_size": self.world_size,
+            "backend": self.backend,
+            "wire": self._wire_code,
+            "encryption": self.encryption,
+        }
         problems: list[str] = []
         for r, info in enumerate(infos):
             problems += [
-                f"rank {r} has {field}={info[field]!r}, this rank {value!r}"
-                for field, value in mine.items()
-                if info[field] != value
+                f"rank {r} has {key}={info.get(key)!r}, this rank {value!r}"
+                for key, value in mine.items()
+                if info.get(key) != value
             ]
             problems += self._edge_problems(r, info["neighbours"].get(str(self.rank)))
         if self.backend == "nccl":
@@ -444,6 +655,8 @@ class GossipGroup:
         """Leave the group and free torch.distributed's default group for the next one."""
         joined, self._joined, self._broken = self._joined, False, True
         self._buffers.clear()
+        if self._links is not None:
+            self._links.close()  # the group's keys die with it: the next group makes new ones
         self._store = None
         if joined and dist.is_initialized():
             dist.destroy_process_group()
@@ -474,7 +687,7 @@ class GossipGroup:
             key = (block.numel(), int(block_id))
             if key != self._key:
                 self._prepare(key)
-            self._transfer(block)
+            self._transfer(block, int(block_id))
             received = self._unstage()
             self._check_finite(block, received)
         except GossipError:
@@ -482,7 +695,11 @@ class GossipGroup:
             raise
         finally:
             self.stats.seconds += time.perf_counter() - start
+            self._step += 1  # also after a failure: a step number is never sealed twice
         payload = block.numel() * self._wire_size() * self.degree
+        if not self.encrypted:
+            self.stats.wire_bytes_sent += payload
+            self.stats.wire_bytes_received += payload
         self.stats.bytes_sent += payload
         self.stats.bytes_received += payload
         self.stats.exchanges += 1
@@ -506,6 +723,87 @@ class GossipGroup:
         weights = {**self.weights, self.rank: self.self_weight}
         return mix_blocks(blocks, weights, out=out)
 
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place (the evaluation's parameter average).
+
+        Plaintext groups use the backend's ``all_reduce``. Encrypted groups run a ring
+        reduce-scatter + all-gather over sealed point-to-point messages (edge keys of the ring
+        r -> r+1), so parameters never cross the wire in the clear; every rank gets the same
+        bits. Like every ring all-reduce, rank r+1 sees partial sums starting with rank r's
+        slice: members learn more than with gossip alone (docs/security.md).
+        """
+        if not self.encrypted:
+            dist.all_reduce(tensor)
+            return tensor
+        self._check_open()
+        if self.world_size == 1:
+            return tensor
+        host = tensor.detach().reshape(-1).to("cpu", torch.float32, copy=True)
+        try:
+            self._ring_all_reduce(host)
+        except GossipError:
+            self._broken = True
+            raise
+        with torch.no_grad():
+            tensor.copy_(host.view(tensor.shape).to(tensor.dtype))
+        return tensor
+
+    def _ring_all_reduce(self, flat: torch.Tensor) -> None:
+        n, r = self.world_size, self.rank
+        segs = list(torch.tensor_split(flat, n))
+        for s in range(n - 1):  # reduce-scatter: rank r ends with the sum of segment r+1
+            incoming = torch.empty_like(segs[(r - s - 1) % n])
+            self._ring_message(segs[(r - s) % n], incoming)
+            segs[(r - s - 1) % n].add_(incoming)
+        for s in range(n - 1):  # all-gather
+            incoming = torch.empty_like(segs[(r - s) % n])
+            self._ring_message(segs[(r + 1 - s) % n], incoming)
+            segs[(r - s) % n].copy_(incoming)
+
+    def _ring_message(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        size_send = ChunkSealer(send.numel() * 4, self.chunk_bytes).sealed_bytes
+        size_recv = ChunkSealer(recv.numel() * 4, self.chunk_bytes).sealed_bytes
+        self._sealed(
+            "reduce",
+            self._links.ctx(KIND_REDUCE, -2, 0),
+            self._reduce_seq,
+            _REDUCE_TAG,
+            sends={nxt: (send.contiguous(), torch.empty(size_send, dtype=torch.uint8))},
+            recvs={prv: (torch.empty(size_recv, dtype=torch.uint8), recv)},
+        )
+        self._reduce_seq += 1
+
+    def _sealed(self, what: str, *args: Any, **kw: Any) -> None:
+        """One sealed exchange; keeps the crypto time and every rejection in view."""
+        try:
+            self._links.exchange(what, *args, timeout_s=self.timeout_s, **kw)
+        except GossipSecurityError as exc:
+            exc.security_events = self.events  # also the store's rejections so far
+            raise
+        finally:
+            self.stats.crypto_seconds = self._links.crypto_seconds
+
+    def _sealed_header(self, header: torch.Tensor, recv: dict[int, torch.Tensor]) -> None:
+        sealed = ChunkSealer(header.numel() * header.element_size()).sealed_bytes
+        self._sealed(
+            "header",
+            self._links.ctx(KIND_HEADER, -1, 255),
+            self._header_seq,
+            _HEADER_TAG,
+            sends={j: (header, torch.empty(sealed, dtype=torch.uint8)) for j in self.neighbours},
+            recvs={j: (torch.empty(sealed, dtype=torch.uint8), recv[j]) for j in self.neighbours},
+        )
+        self._header_seq += 1
+        self.stats.control_bytes += sealed * self.degree
+
+    def _check_open(self) -> None:
+        if self._broken or not self._joined:
+            raise GossipError(
+                f"rank {self.rank}: group {self.group_name!r} is closed or failed earlier; "
+                "join a new group"
+            )
+
     def _wire_size(self) -> int:
         return torch.empty((), dtype=self.wire_dtype).element_size()
 
@@ -514,11 +812,7 @@ class GossipGroup:
         return _WIRE_CODES[self.wire_dtype]
 
     def _check_block(self, block: torch.Tensor) -> None:
-        if self._broken or not self._joined:
-            raise GossipError(
-                f"rank {self.rank}: group {self.group_name!r} is closed or failed earlier; "
-                "join a new group"
-            )
+        self._check_open()
         if block.dim() != 1 or block.dtype != torch.float32 or not block.is_contiguous():
             raise ValueError(
                 "gossip blocks must be contiguous 1-D float32 tensors (the fp32 master copy), "
@@ -546,10 +840,16 @@ class GossipGroup:
             if staged
             else bufs["recv"]
         )
+        if self.encrypted:
+            # Reused every step: fresh buffers would cost more than the cipher (page faults).
+            size = ChunkSealer(numel * self._wire_size(), self.chunk_bytes).sealed_bytes
+            bufs["sealed_send"] = {j: torch.empty(size, dtype=torch.uint8) for j in self.neighbours}
+            bufs["sealed_recv"] = {j: torch.empty(size, dtype=torch.uint8) for j in self.neighbours}
         self._buffers = bufs
         self._key = key
         # A per-size tag: if neighbours ever disagree on the size without a new handshake,
         # Gloo times out on unmatched tags instead of aborting the process on a size mismatch.
+        # Sealed chunk c goes with tag + c (< 2**24 chunks: the nonce's chunk field).
         self._tag = 1 + zlib.crc32(f"{numel}:{block_id}:{wire}".encode()) % (2**30)
 
     def _handshake(self, numel: int, block_id: int) -> None:
@@ -557,8 +857,11 @@ class GossipGroup:
         mine = [_HEADER_MAGIC, self.rank, numel, block_id, code]
         header = torch.tensor(mine, dtype=torch.float64, device=self._comm_device)
         recv = {j: torch.empty_like(header) for j in self.neighbours}
-        self._run_p2p(header, recv, _HEADER_TAG, what="header")
-        self.stats.control_bytes += header.numel() * header.element_size() * self.degree
+        if self.encrypted:
+            self._sealed_header(header, recv)
+        else:
+            self._run_p2p(header, recv, _HEADER_TAG, what="header")
+            self.stats.control_bytes += header.numel() * header.element_size() * self.degree
         problems = []
         for j, buf in recv.items():
             got = [int(v) for v in buf.tolist()]
@@ -578,7 +881,7 @@ class GossipGroup:
                 "the same algorithm.wire_dtype and train.layers_per_block)"
             )
 
-    def _transfer(self, block: torch.Tensor) -> None:
+    def _transfer(self, block: torch.Tensor, block_id: int) -> None:
         send = self._buffers["send"]
         if send is not None:
             send.copy_(block, non_blocking=send.is_pinned())
@@ -586,7 +889,16 @@ class GossipGroup:
                 torch.cuda.current_stream(block.device).synchronize()  # pinned copy is async
         else:
             send = block
-        self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
+        if not self.encrypted:
+            self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
+            return
+        bufs = self._buffers
+        sends = {j: (send, bufs["sealed_send"][j]) for j in self.neighbours}
+        recvs = {j: (bufs["sealed_recv"][j], bufs["recv"][j]) for j in self.neighbours}
+        ctx = self._links.ctx(KIND_PAYLOAD, block_id, self._wire_code)
+        self._sealed("block", ctx, self._step, self._tag, sends, recvs, block_id=block_id)
+        self.stats.wire_bytes_sent += sum(b.numel() for _, b in sends.values())
+        self.stats.wire_bytes_received += sum(b.numel() for b, _ in recvs.values())
 
     def _run_p2p(
         self, send: torch.Tensor, recv: dict[int, torch.Tensor], tag: int, *, what: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from deca_flower.config import to_yaml
@@ -59,6 +59,7 @@ class PhasePlan:
     neighbours: list[int]
     weights: list[float]
     self_weight: float
+    store_key: str = ""  # the run's key (hex) from the coordinator; "" = none (plaintext only)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def weight_map(self) -> dict[int, float]:
@@ -145,6 +146,8 @@ class Node:
                     peer.end_block()
             stats["bytes_sent"] = group.stats.bytes_sent
             stats["bytes_received"] = group.stats.bytes_received
+            if group.events:  # rejections outlived (e.g. a forged store value): report them
+                stats["security_events"] = [json.dumps(e) for e in group.events]
         # All or nothing: the phase's blocks are committed together, after all were trained.
         t0 = time.perf_counter()
         for k in plan.blocks:
@@ -198,6 +201,8 @@ class Node:
             device=self.device,
             wire_dtype=wire_dtype(self.cfg),
             timeout_s=self.cfg.gossip.timeout_s,
+            encryption=self.cfg.gossip.encryption,
+            store_key=plan.store_key or None,
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -219,18 +224,22 @@ class Node:
             out["labels"] = labels
         if zero_shot or not self.cfg.eval.average_model:
             return out
-        with self._group(plan):
-            out[f"average_{key}"], out["squared_distance"] = self._with_average_model(plan, score)
+        with self._group(plan) as group:
+            out[f"average_{key}"], out["squared_distance"] = self._with_average_model(
+                plan, score, group
+            )
         return out
 
-    def _with_average_model(self, plan: PhasePlan, score: Callable[[], Any]) -> tuple[Any, float]:
+    def _with_average_model(
+        self, plan: PhasePlan, score: Callable[[], Any], group: GossipGroup
+    ) -> tuple[Any, float]:
         """score() with the network's parameter average loaded, then this node's own back;
         also this node's squared distance to the average."""
         own = _trainable(self.peer)
         averaged = [p.detach().float().clone() for p in own]
         squared_distance = 0.0
         for p, avg in zip(own, averaged):
-            dist.all_reduce(avg)  # one collective per tensor keeps peak memory small
+            group.all_reduce_(avg)  # one collective per tensor keeps peak memory small
             avg.div_(plan.world_size)
             squared_distance += float(((p.detach().float() - avg) ** 2).sum())
         saved = [p.detach().clone() for p in own]

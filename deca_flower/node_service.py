@@ -10,18 +10,17 @@ Kinds: `handshake`, `train`, `evaluate`, `finish` (see `client_app.py`).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from torch.distributed import TCPStore
-
 from deca_flower.config import parse_fault_injection
 from deca_flower.flower_config import config_from_run_config
+from deca_flower.gossip import handshake_barrier
 from deca_flower.node import Node, PhasePlan, config_key, forget_node, get_node
 from deca_flower.state_store import NodeStateStore
 
@@ -54,6 +53,10 @@ def handle(req: NodeRequest) -> dict[str, Any]:
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc()[-4000:],
         }
+        # Data-plane rejections ({"type": "security", ...}) travel as JSON strings.
+        events = getattr(err, "security_events", None)
+        if events:
+            payload["security_events"] = [json.dumps(e) for e in events]
     payload["handler_s"] = time.perf_counter() - started
     return payload
 
@@ -217,38 +220,18 @@ def _plan(req: NodeRequest) -> PhasePlan:
         neighbours=[int(j) for j in r["neighbours"]],
         weights=[float(w) for w in r["weights"]],
         self_weight=float(r["self_weight"]),
+        store_key=str(r.get("store_key", "")),
     )
 
 
 def _barrier(request: Mapping[str, Any], rank: int, host: str) -> None:
     """Arrive at the coordinator's store and wait until all peers have arrived."""
-    port = int(request["store_port"])
-    world, timeout = int(request["world_size"]), float(request["barrier_timeout_s"])
-    try:
-        store = TCPStore(
-            host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
-        )
-    except Exception as err:  # DistNetworkError, TimeoutError, socket errors
-        raise ConnectionError(
-            f"rank {rank} could not reach the gossip store at {host}:{port} within {timeout:.0f} "
-            f"s ({type(err).__name__}). Set gossip.advertise_host (run config overrides) to an "
-            "address of the coordinator's host that every site can reach, or the site's "
-            "`store-host` in --node-config, and open that port (gossip.store_port) to the sites"
-        ) from None
-    key = f"{request['group_name']}/arrived"
-    failed = f"{request['group_name']}/gave-up"
-    store.add(key, 1)
-    deadline = time.monotonic() + timeout
-    while (arrived := store.add(key, 0)) < world:
-        if time.monotonic() > deadline:
-            store.add(failed, 1)
-            raise TimeoutError(
-                f"only {arrived} of {world} DECA peers were running at the same time after "
-                f"{timeout:.0f} s (rank {rank} waited)"
-            )
-        time.sleep(0.2)
-    if store.add(failed, 0):  # we arrived last, after others had given up waiting for us
-        raise TimeoutError(
-            f"rank {rank} arrived after other peers gave up: not all {world} DECA peers were "
-            "running at the same time"
-        )
+    handshake_barrier(
+        host,
+        int(request["store_port"]),
+        str(request["group_name"]),
+        rank,
+        int(request["world_size"]),
+        float(request["barrier_timeout_s"]),
+        store_key=str(request.get("store_key", "")),
+    )

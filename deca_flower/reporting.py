@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from deca_flower.evaluation import confusion_matrix
+from deca_flower.secure_channel import describe_data_plane
 
 INCOMPLETE = ".incomplete"
 
@@ -98,6 +100,8 @@ def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
     if phases:
         sent = sum(sum(r["bytes_sent"]) for r in phases)
         lines.append(f"- bytes sent by all clients: {sent / 2**20:.1f} MiB")
+        if any(r["type"] == "coordinator" for r in records):  # a Flower run: peers gossiped
+            lines.append(f"- {_data_plane(config_yaml)}")
     if evals and evals[0].get("task") == "generation":
         lines += ["", "| model | eval set | perplexity | ROUGE-L F1 |", "|---|---|---|---|"]
         for r in evals:
@@ -338,3 +342,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return str(value)
+
+
+def _data_plane(config_yaml: str) -> str:
+    """Whether the gossip data plane was sealed (gossip.encryption, gossip.backend)."""
+    gossip = (yaml.safe_load(config_yaml) or {}).get("gossip", {})
+    return describe_data_plane(gossip.get("encryption", "none"), gossip.get("backend", "auto"))

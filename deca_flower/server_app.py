@@ -9,6 +9,7 @@ evaluation at the end of every round, and writes the run's outputs.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -40,6 +41,7 @@ from deca_flower.reporting import (
     read_metrics,
     summary_markdown,
 )
+from deca_flower.secure_channel import describe_data_plane, new_run_key
 from deca_flower.task import build_topology
 from deca_flower.topology import describe
 
@@ -106,6 +108,8 @@ class Coordinator:
         self.store, self.store_port = host_store(
             "0.0.0.0", cfg.gossip.store_port, timeout_s=cfg.gossip.timeout_s
         )
+        # Authenticates the gossip store; travels only in Flower messages (docs/security.md).
+        self.store_key = new_run_key()
         self.rank_to_node: dict[int, int] = {}
         self.hostnames: dict[int, str] = {}
         self.phase = 0
@@ -479,6 +483,7 @@ class Coordinator:
             "world_size": self.n,
             "group_name": f"run{self.run_id}/{tag}",
             "phase": self.phase,
+            "store_key": self.store_key,
         }
 
     def _send_to_ranks(self, request: dict[str, Any], message_type: str) -> dict[int, dict]:
@@ -540,6 +545,7 @@ class Coordinator:
                     break
             if len(replies) < len(ids):
                 time.sleep(REPLY_POLL_S)
+        self._log_security_events(replies)
         failures = {
             nid: self._failure(nid, replies.get(nid), message_type, timeout) for nid in per_node
         }
@@ -554,6 +560,17 @@ class Coordinator:
                 lost,
             )
         return {nid: self._unpack(nid, msg) for nid, msg in replies.items()}
+
+    def _log_security_events(self, replies: dict[int, Message]) -> None:
+        """Data-plane rejections the nodes saw (forged store values, bad blocks): records."""
+        for nid, msg in replies.items():
+            if msg.has_error() or not hasattr(self, "run_dir"):
+                continue
+            for event in msg.content["reply"].get("security_events", []) or []:
+                record = {"type": "security", **json.loads(event), "seen_by": self._site(nid)}
+                self.run_dir.log(record)
+                self.progress.note(f"security: {record.get('what')} from "
+                                   f"{record.get('from')} rejected by {record.get('check')}")
 
     def _site(self, node_id: int, rank: int | None = None) -> str:
         if rank is None:
@@ -623,6 +640,7 @@ class Coordinator:
             f"{self.cfg.train.rounds} rounds; gossip store on port {self.store_port}; "
             f"writing {self.run_dir.path}"
         )
+        Progress(0).note(describe_data_plane(self.cfg.gossip.encryption, self.cfg.gossip.backend))
 
 
 def _is_failure(msg: Message) -> bool:

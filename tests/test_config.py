@@ -24,6 +24,7 @@ def test_defaults_are_the_embedded_job():
     assert cfg.topology.name == "er"
     assert cfg.num_clients == 8
     assert cfg.algorithm.bma and (cfg.algorithm.mu1, cfg.algorithm.mu2) == (0.3, 0.333)
+    assert cfg.gossip.encryption == "aes-256-gcm"  # fail closed: plaintext only if asked
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,7 @@ def test_defaults_are_the_embedded_job():
         ({"overrides": ["train.rounds=two"]}, "train.rounds"),
         ({"presets": {"model": "gpt-17"}}, "unknown model preset"),
         ({"overrides": ["topology.name=file"]}, "topology.path"),
+        ({"overrides": ["gossip.encryption=rot13"]}, "gossip.encryption"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,14 @@ from deca_flower.gossip import (
     mix_blocks,
     resolve_wire_dtype,
 )
+from deca_flower.secure_channel import AuthenticatedStore
 
 WORLD = 4
 NUMEL = 1000
 HOST = "127.0.0.1"
+# The run's store key, as the coordinator would hand it out (a constant: every spawned peer
+# imports this module). Groups are encrypted by default; plaintext cases say encryption="none".
+RUN_KEY = "5e" * 32
 THIRD = 1.0 / 3.0  # Metropolis weight of a 4-ring: 1 / (1 + max(2, 2)); diagonal 1 - 2/3
 
 
@@ -70,6 +75,7 @@ def loop_reference(blocks: dict[int, torch.Tensor], weights: dict[int, float]) -
 def ring_group(rank: int, port: int, name: str, **kw: Any) -> GossipGroup:
     nbrs, w, sw = ring_row(rank)
     kw.setdefault("timeout_s", 20)
+    kw.setdefault("store_key", RUN_KEY)
     return GossipGroup(HOST, port, rank, WORLD, nbrs, w, sw, group_name=name, **kw)
 
 
@@ -201,11 +207,13 @@ def scenario_ring_mix(rank: int, port: int, name: str) -> dict[str, Any]:
 def scenario_bytes(rank: int, port: int, name: str, steps: int) -> dict[str, Any]:
     out = {}
     x = make_block(rank)
-    for wire in ("fp32", "bf16"):  # two successive groups in the same process
-        with ring_group(rank, port, f"{name}/{wire}", wire_dtype=wire) as group:
-            for _ in range(steps):
-                mixed = group.mix(x, block_id=7)
-            out[wire] = {"stats": asdict(group.stats), "mixed": mixed.numpy()}
+    for enc in ("aes-256-gcm", "none"):
+        for wire in ("fp32", "bf16"):  # successive groups in the same process
+            tag = f"{name}/{enc}/{wire}"
+            with ring_group(rank, port, tag, wire_dtype=wire, encryption=enc) as group:
+                for _ in range(steps):
+                    mixed = group.mix(x, block_id=7)
+                out[enc, wire] = {"stats": asdict(group.stats), "mixed": mixed.numpy()}
     return out
 
 
@@ -217,7 +225,15 @@ def scenario_successive(rank: int, port: int, name: str) -> dict[str, Any]:
     others = [j for j in range(WORLD) if j != rank]
     uniform = {j: 1.0 / WORLD for j in others}
     with GossipGroup(
-        HOST, port, rank, WORLD, others, uniform, 1.0 / WORLD, group_name=f"{name}/complete"
+        HOST,
+        port,
+        rank,
+        WORLD,
+        others,
+        uniform,
+        1.0 / WORLD,
+        group_name=f"{name}/complete",
+        store_key=RUN_KEY,
     ) as group:
         complete = group.mix(x)
     return {
@@ -335,19 +351,28 @@ def test_bytes_accounting_fp32_and_bf16_wire(peers: PeerPool) -> None:
     for r in range(WORLD):
         status, value, _ = res[r]
         assert status == "ok", value
-        for wire, size in (("fp32", 4), ("bf16", 2)):
-            stats = value[wire]["stats"]
+        for enc, (wire, size) in product(("aes-256-gcm", "none"), (("fp32", 4), ("bf16", 2))):
+            stats = value[enc, wire]["stats"]
+            sealed = enc != "none"
             # Invariant 12: |B_k| elements per neighbour per step, nothing else.
             assert stats["bytes_sent"] == steps * NUMEL * size * degree
             assert stats["bytes_received"] == steps * NUMEL * size * degree
             assert stats["exchanges"] == steps
             assert stats["seconds"] > 0
-            # One header per group, counted apart: 5 float64 to each neighbour.
-            assert stats["control_bytes"] == 5 * 8 * degree
-        np.testing.assert_allclose(value["fp32"]["mixed"], expected[r], atol=1e-5)
-        # bf16 wire: neighbours' terms carry bf16 rounding (relative 2^-8), self term does not.
-        scale = np.abs(x).max()
-        np.testing.assert_allclose(value["bf16"]["mixed"], expected[r], atol=scale / 128)
+            # On the wire: one 16-byte GCM tag per chunk (one chunk here) when sealed.
+            wire_bytes = steps * (NUMEL * size + 16 * sealed) * degree
+            assert stats["wire_bytes_sent"] == stats["wire_bytes_received"] == wire_bytes
+            # One header per group, counted apart: 5 float64 (+ a tag) to each neighbour.
+            assert stats["control_bytes"] == (5 * 8 + 16 * sealed) * degree
+        for enc in ("aes-256-gcm", "none"):
+            np.testing.assert_allclose(value[enc, "fp32"]["mixed"], expected[r], atol=1e-5)
+            # bf16 wire: neighbours' terms carry bf16 rounding (relative 2^-8), self's not.
+            scale = np.abs(x).max()
+            np.testing.assert_allclose(value[enc, "bf16"]["mixed"], expected[r], atol=scale / 128)
+            # Sealing changes nothing in what is mixed: bit for bit.
+            for wire in ("fp32", "bf16"):
+                plain, sealed_mix = value["none", wire]["mixed"], value[enc, wire]["mixed"]
+                assert np.array_equal(plain.view(np.int32), sealed_mix.view(np.int32))
 
 
 def test_two_successive_groups_in_the_same_processes(peers: PeerPool) -> None:
@@ -544,7 +569,8 @@ def test_bad_rows_are_rejected_before_any_network(
 def test_single_peer_group_in_process(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     x = make_block(0)
-    with GossipGroup(HOST, port, 0, 1, [], {}, 1.0, group_name=unique("solo")) as group:
+    solo = {"group_name": unique("solo"), "store_key": RUN_KEY}
+    with GossipGroup(HOST, port, 0, 1, [], {}, 1.0, **solo) as group:
         assert torch.equal(group.mix(x), x)  # W = [[1]]: mixing is the identity
         assert group.stats.bytes_sent == 0 and group.stats.exchanges == 1
         with pytest.raises(ValueError, match="alias"):
@@ -552,7 +578,9 @@ def test_single_peer_group_in_process(port: int, monkeypatch: pytest.MonkeyPatch
         with pytest.raises(ValueError, match="float32"):
             group.mix(x.double())
         with pytest.raises(GossipError, match="already has a process group"):
-            GossipGroup(HOST, port, 0, 1, [], {}, 1.0, group_name=unique("solo2"))
+            GossipGroup(
+                HOST, port, 0, 1, [], {}, 1.0, group_name=unique("solo2"), store_key=RUN_KEY
+            )
     assert not dist.is_initialized()
     with pytest.raises(GossipError, match="closed"):
         group.mix(x)
@@ -564,7 +592,9 @@ def test_unreachable_store_fails_fast() -> None:
         free = sock.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(GossipError, match="gossip.timeout_s"):
-        GossipGroup(HOST, free, 0, 2, [1], {1: 0.5}, 0.5, group_name="x", timeout_s=1)
+        GossipGroup(
+            HOST, free, 0, 2, [1], {1: 0.5}, 0.5, group_name="x", timeout_s=1, store_key=RUN_KEY
+        )
     assert time.monotonic() - start < 10
 
 
@@ -575,7 +605,18 @@ def test_asymmetric_w_is_reported_at_join(port: int) -> None:
     def join(rank: int) -> None:  # the W check runs before init_process_group: threads suffice
         try:
             w, sw = rows[rank]
-            GossipGroup(HOST, port, rank, 2, list(w), w, sw, group_name=name, timeout_s=10)
+            GossipGroup(
+                HOST,
+                port,
+                rank,
+                2,
+                list(w),
+                w,
+                sw,
+                group_name=name,
+                timeout_s=10,
+                store_key=RUN_KEY,
+            )
         except GossipError as exc:
             errors[rank] = str(exc)
 
@@ -593,5 +634,43 @@ def test_duplicate_rank_or_reused_group_name(port: int) -> None:
     name = unique("dup")
     master, _ = host_store(HOST, 0, timeout_s=5)
     dist.PrefixStore(name, master).add("deca-gossip/claim/0", 1)  # someone already joined as 0
+    with pytest.raises(GossipError, match="2 times"):  # plaintext store: a counter
+        GossipGroup(
+            HOST,
+            master.port,
+            0,
+            2,
+            [1],
+            {1: 0.5},
+            0.5,
+            group_name=name,
+            timeout_s=5,
+            encryption="none",
+        )
+    # Authenticated store: a valid claim (made with the run key) by another member.
+    name = unique("dup-auth")
+    other = AuthenticatedStore(
+        dist.PrefixStore(name, master), bytes.fromhex(RUN_KEY), 0, name, timeout_s=5
+    )
+    other.compare_set("deca-gossip/claim/0", "", "someone else")
     with pytest.raises(GossipError, match="2 times"):
-        GossipGroup(HOST, master.port, 0, 2, [1], {1: 0.5}, 0.5, group_name=name, timeout_s=5)
+        GossipGroup(
+            HOST,
+            master.port,
+            0,
+            2,
+            [1],
+            {1: 0.5},
+            0.5,
+            group_name=name,
+            timeout_s=5,
+            store_key=RUN_KEY,
+        )
+
+
+def test_no_keys_refuses_to_send() -> None:
+    """Fail closed: encryption is the default, and without the run key nothing is sent."""
+    with pytest.raises(GossipError, match="refusing to send.*gossip.encryption=none"):
+        GossipGroup(HOST, 1, 0, 2, [1], {1: 0.5}, 0.5, group_name="nokeys", timeout_s=1)
+    with pytest.raises(ValueError, match="gossip.encryption"):
+        GossipGroup(HOST, 1, 0, 2, [1], {1: 0.5}, 0.5, group_name="x", encryption="rot13")

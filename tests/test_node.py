@@ -42,6 +42,7 @@ def _plan(phase: int, block: int, port: int) -> PhasePlan:
         neighbours=[],
         weights=[],
         self_weight=1.0,
+        store_key="a1" * 32,  # encryption is on by default: the node needs the run's key
     )
 
 
