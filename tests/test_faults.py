@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_gossip import HOST, WORLD, make_block, peers, port, unique  # noqa: F401
+from test_gossip import HOST, RUN_KEY, WORLD, make_block, peers, port, unique  # noqa: F401
 
 from deca_flower.config import ConfigError, load_config
 from deca_flower.engine import Engine
 from deca_flower.gossip import GossipError, GossipGroup
 from deca_flower.membership import MembershipError, full_membership, without
+from deca_flower.reporting import read_metrics
 from deca_flower.state_store import NodeStateStore
 from deca_flower.topology import build_graph, mixing_matrix
 
@@ -120,6 +121,7 @@ def scenario_killed_then_regroup(
         {j: 1 / 3 for j in nbrs},
         1 / 3,
         group_name=f"{name}/epoch0",
+        store_key=RUN_KEY,
         timeout_s=5,
     )
     group.mix(x)
@@ -151,6 +153,7 @@ def scenario_killed_then_regroup(
         weights,
         float(m1.weights[rank, rank]),
         group_name=f"{name}/epoch1",
+        store_key=RUN_KEY,
         timeout_s=30,
     ) as regrouped:
         mixed = regrouped.mix(x)
@@ -159,9 +162,7 @@ def scenario_killed_then_regroup(
 
 def test_survivors_of_a_killed_peer_regroup_and_mix_over_the_survivors(peers):  # noqa: F811
     victim = 3
-    res = peers.run(
-        scenario_killed_then_regroup, name=unique("killed"), victim=victim, limit=80
-    )
+    res = peers.run(scenario_killed_then_regroup, name=unique("killed"), victim=victim, limit=80)
     assert victim not in res
     survivors = [0, 1, 2]
     for r in survivors:
@@ -199,3 +200,58 @@ def test_engine_goes_on_without_an_injected_rank(make_config):
             torch.testing.assert_close(p.detach(), before[name])
     phases = [r for r in result.records if r["type"] == "phase"]
     assert phases[-1]["bytes_sent"][1] == 0
+
+
+# ---------------------------------------------------------------------- Flower: sim and lab
+
+
+def _losses(records: list[dict]) -> np.ndarray:
+    steps = [r["loss"] for r in records if r["type"] == "step"]
+    return np.array([[np.nan if v is None else v for v in s] for s in steps], dtype=float)
+
+
+def _engine_replay(tmp_path, settings: dict, inject: str) -> tuple[Engine, list[dict]]:
+    cfg = load_config(
+        {"model": "tiny"}, {**settings, "faults.inject": inject, "output_dir": str(tmp_path)}
+    )
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    return engine, engine.run().records
+
+
+FAULT_SETTINGS = {
+    "num_clients": 4,
+    "train.steps_per_block": 2,
+    "data.max_examples": 240,
+    "eval.max_examples_per_client": 4,
+    "topology.name": "er",
+    "topology.p": 0.6,
+    "flower.phase": "block",
+    "gossip.timeout_s": 10,
+    "flower.keep_state": "true",
+}
+
+
+def test_simulation_goes_on_without_an_injected_site_as_the_engine_replays(tmp_path):
+    from test_flower_app import finished_runs, flwr_run
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    proc = flwr_run(tmp_path / "sim", {**settings, "faults.inject": "1@1"})
+    runs = finished_runs(tmp_path / "sim")
+    assert len(runs) == 1, proc.stdout[-5000:] + proc.stderr[-5000:]
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    (fault,) = [r for r in records if r["type"] == "fault"]
+    assert fault["lost_ranks"] == [1] and fault["phase"] == 1
+    (membership,) = [r for r in records if r["type"] == "membership"]
+    assert membership["members"] == [0, 2, 3]
+    assert "Timeline" in (runs[0] / "summary.md").read_text()
+    assert (runs[0] / "participation.png").exists()
+    engine, replay = _engine_replay(tmp_path / "engine", FAULT_SETTINGS, "1@1")
+    np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
+    run_id = next(r for r in records if r["type"] == "data")["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = tmp_path / "sim" / "state" / f"run-{run_id}" / f"node-{rank}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)

@@ -297,3 +297,39 @@ def test_docs_certificate_commands_make_what_flower_accepts(tmp_path):
         text=True,
     ).stdout
     assert "127.0.0.1" in san
+
+
+# ---------------------------------------------------------------------- faults in the lab
+
+
+@needs_namespaces
+def test_lab_goes_on_without_a_killed_site_as_the_engine_replays(tmp_path):
+    from test_faults import FAULT_SETTINGS, _engine_replay, _losses
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k not in ("num_clients",)}
+    settings["gossip.timeout_s"] = 15
+    overrides = " ".join(f"{k}={v}" for k, v in settings.items())
+    work = tmp_path / "work"
+    proc = run_lab_subprocess(
+        tmp_path, "--sites", "4", "--work-dir", str(work), "--kill", "4@2",
+        "--run-config", f'preset-model="tiny" overrides="{overrides}"',
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "killed site4" in proc.stdout
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    records = read_metrics(out / "metrics.jsonl")
+    faults = [r for r in records if r["type"] == "fault"]
+    assert faults and faults[-1]["lost_ranks"] == [3]
+    assert "Timeline" in (out / "summary.md").read_text()
+    # The survivors' losses and final blocks equal the engine replaying the same loss
+    # (rank 3 gone from phase index 1, the lab's "phase 2").
+    engine, replay = _engine_replay(tmp_path / "engine", FAULT_SETTINGS, "3@1")
+    np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
+    run_id = json.loads((out / "lab" / "lab.json").read_text())["run_id"]
+    for rank in range(3):
+        state = work / f"site{rank + 1}" / "state" / f"run-{run_id}"
+        peer = engine.peers[rank]
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)

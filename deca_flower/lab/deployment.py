@@ -50,6 +50,10 @@ class LabSpec:
     # Rehearsing mistakes (used by the tests, and by users who want to see the errors):
     node_config: dict[int, str] = field(default_factory=dict)  # site -> extra node config
     unregistered: set[int] = field(default_factory=set)  # sites whose key is not registered
+    # Rehearsing faults: SIGKILL a site's process group when a phase (1-based) starts, and
+    # optionally start it again (same key, same state dir) this many seconds later.
+    kills: dict[int, list[int]] = field(default_factory=dict)  # phase -> sites
+    restart_after_s: float | None = None
     quiet: bool = False
 
 
@@ -296,9 +300,41 @@ class Lab:
             for line in chunk.decode(errors="replace").splitlines():
                 if line.strip() and not self.spec.quiet:
                     print(f"  | {line}", flush=True)
+                self._inject_faults(line)
             if not running:
                 return
             time.sleep(0.5)
+
+    def _inject_faults(self, line: str) -> None:
+        """`kills`: phase p starts when the coordinator reports phase p-1 done (phase 1: when
+        it reports the peers' graph, right after the handshake)."""
+        for phase, sites in list(self.spec.kills.items()):
+            starts = f"phase {phase - 1}/" in line if phase > 1 else "peers on a" in line
+            if not starts:
+                continue
+            del self.spec.kills[phase]
+            for index in sites:
+                site = self.sites[index - 1]
+                self.kill_site(site)
+                self.record.setdefault("faults", []).append(
+                    {"killed": site.name, "phase": phase, "time": time.time()}
+                )
+                self.say(
+                    f"killed {site.name} (SIGKILL to its process group) as phase {phase} starts"
+                )
+                if self.spec.restart_after_s is not None:
+                    threading.Thread(target=self._restart_later, args=(site,), daemon=True).start()
+
+    def _restart_later(self, site: Site) -> None:
+        """Start a killed site again with the same key and state dir. Flower refuses it while
+        its old session still looks online (up to 60 s after a SIGKILL): wait for offline."""
+        time.sleep(self.spec.restart_after_s or 0.0)
+        node_id = self.node_ids[site.index]
+        while self.cli.node_status().get(node_id) == "online":
+            time.sleep(2.0)
+        self.start_site(site)
+        self.record.setdefault("faults", []).append({"restarted": site.name, "time": time.time()})
+        self.say(f"restarted {site.name} (same key, same state dir)")
 
     def collect(self, run_id: int, status: str) -> Path:
         self.record.update(

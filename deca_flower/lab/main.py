@@ -27,6 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
     parser.add_argument("--bandwidth", help="shape every site's link, e.g. 100mbit (tc tbf)")
     parser.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="SITE@PHASE",
+        help="SIGKILL site SITE (1-based) as phase PHASE (1-based) starts: rehearse a lost site",
+    )
+    parser.add_argument(
+        "--restart-after",
+        type=float,
+        metavar="SECONDS",
+        help="start a killed site again after SECONDS (same key and state dir)",
+    )
+    parser.add_argument(
         "--site-config",
         action="append",
         default=[],
@@ -59,6 +72,8 @@ def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         timeout_s=args.timeout,
         bandwidth=args.bandwidth,
         node_config=_site_configs(args.site_config),
+        kills=_kills(args.kill),
+        restart_after_s=args.restart_after,
     )
     try:
         out = Lab(spec).run()
@@ -76,4 +91,14 @@ def _site_configs(items: list[str]) -> dict[int, str]:
         if not sep or not site.isdigit():
             raise SystemExit(f"--site-config {item!r}: expected SITE=NODE_CONFIG, e.g. 2='a=1'")
         out[int(site)] = config
+    return out
+
+
+def _kills(items: list[str]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for item in items:
+        site, sep, phase = item.partition("@")
+        if not sep or not site.isdigit() or not phase.isdigit() or int(phase) < 1:
+            raise SystemExit(f"--kill {item!r}: expected SITE@PHASE, e.g. 3@2 (both 1-based)")
+        out.setdefault(int(phase), []).append(int(site))
     return out
