@@ -211,13 +211,15 @@ class Engine:
                 "type": "data",
                 "train_sizes": sizes,
                 "test_sizes": [len(c.test) for c in self.run_data.clients],
+                **(self.run_data.split or {}),
             }
         )
-        if not self.generation:  # instruction data has no labels (IID shards)
+        if not self.generation:  # instruction data has no labels
             plot_label_distribution(
                 [c.train for c in self.run_data.clients],
                 self.run_dir.path / "label_distribution.png",
                 label_names=list(self.run_data.task.verbalizers),
+                split=self.run_data.split,
             )
         self.progress.note(
             f"{self.method.description}; {self.cfg.num_clients} clients on a {info['name']} "

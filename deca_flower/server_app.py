@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
-from deca_flower.data import get_task
+from deca_flower.data import task_from_config
 from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.generation import (
@@ -108,7 +108,7 @@ class Coordinator:
         records = read_metrics(run_dir.metrics_path)
         run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
         generation = is_generation_task(self.cfg.data.name)
-        labels = None if generation else list(get_task(self.cfg.data.name).verbalizers)
+        labels = None if generation else list(task_from_config(self.cfg.data).verbalizers)
         plot_run(records, run_dir.path, labels)
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
