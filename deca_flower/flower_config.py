@@ -33,6 +33,9 @@ KNOBS = {
     "mu2": "algorithm.mu2",
     "alpha": "data.alpha",
     "topology-p": "topology.p",
+    "partitioner": "data.partitioner",
+    "partition-by": "data.partition_by",
+    "tracking": "tracking",
 }
 FREE_FORM = "overrides"
 

@@ -11,6 +11,8 @@ bit-for-bit unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -161,8 +163,11 @@ def partition_dataset(
     try:
         partitioner = kind.build(num_clients, settings, seed, rows)
         partitioner.dataset = rows
-        with warnings.catch_warnings():  # e.g. "classes not assigned": our check reports it
+        # Their warnings ("classes not assigned", pyarrow's sort deprecation) are checked
+        # or irrelevant here, and NaturalIdPartitioner draws a tqdm bar on stderr.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             parts = [partitioner.load_partition(i) for i in range(num_clients)]
     except (ValueError, KeyError) as err:
         raise DataError(
