@@ -216,3 +216,46 @@ def test_custom_instruction_data_by_prompt_and_response_columns(tmp_path):
         tiny_config(tmp_path, **{**base, "data.response_column": None})
     with pytest.raises(DataError, match="data.response_column='reply'.*'question', 'answer'"):
         prepare_data(tiny_config(tmp_path, **{**base, "data.response_column": "reply"}))
+
+
+def test_split_by_column_command_writes_one_file_per_site(tmp_path, capsys):
+    from deca_flower.cli import main
+    from deca_flower.data import load_task
+    from deca_flower.task import prepare_local_data
+
+    path = tmp_path / "levels.csv"
+    rows = write_custom_csv(path)
+    main(["split-by-column", str(path), "site", str(tmp_path / "sites")])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"client 0: site='north' -> {tmp_path / 'sites' / 'north.csv'}"
+    assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == [
+        "north.csv",
+        "south.csv",
+        "west.csv",
+    ]
+    cfg = tiny_config(tmp_path, **custom_overrides(path, **{"data.test_fraction": 0}))
+    natural = prepare_data(
+        tiny_config(
+            tmp_path,
+            **custom_overrides(
+                path,
+                **{
+                    "data.partitioner": "natural",
+                    "data.partition_by": "site",
+                    "data.test_fraction": 0,
+                },
+            ),
+        )
+    )
+    for rank, site in enumerate(sorted(SITES)):
+        site_file = tmp_path / "sites" / f"{site}.csv"
+        # A deployed site reads its own file: the same rows, in the same order, as the
+        # natural split's client of that rank in simulation.
+        local = prepare_local_data(cfg, rank, str(site_file)).clients[rank].train
+        assert list(local["text"]) == list(natural.clients[rank].train["text"])
+        assert list(local["label"]) == list(natural.clients[rank].train["label"])
+        expected = [r["body"] for r in rows if r["site"] == site]
+        _, raw = load_task(task_from_config(cfg.data), str(site_file))
+        assert list(raw["text"]) == expected
+    with pytest.raises(SystemExit, match="column 'region' not found"):
+        main(["split-by-column", str(path), "region", str(tmp_path / "x")])
