@@ -24,6 +24,7 @@ from deca_flower.methods import METHODS
 from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
 from deca_flower.partitioning import CLASS_ASSIGNMENTS, LABEL_FREE, PARTITIONERS
 from deca_flower.topology import MIXING_RULES, TOPOLOGIES
+from deca_flower.tracking import missing_requirement
 
 PRESET_GROUPS = ("model", "data", "topology", "algorithm")
 DEFAULT_PRESETS = {
@@ -262,6 +263,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.topology.name == "file" and not cfg.topology.path:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
     validate_data(cfg.data)
+    missing = missing_requirement(cfg.tracking)
+    if missing:
+        raise ConfigError(missing)
 
 
 CUSTOM_KEYS = ("labels", "instruction", "text_column", "label_column", "pair_column")

@@ -100,7 +100,7 @@ class Engine:
             self.lora_layout = lora_layout(
                 [(n, p.shape) for n, p in first.partition.named_parameters(0)]
             )
-        self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name)
+        self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name, cfg)
         self.progress = Progress(self.total_phases)
 
     @property

@@ -19,21 +19,26 @@ from typing import Any
 import torch
 
 from deca_flower.evaluation import confusion_matrix
+from deca_flower.tracking import RunTracking
 
 INCOMPLETE = ".incomplete"
 
 
 class RunDir:
-    def __init__(self, output_dir: str | Path, run_name: str) -> None:
+    def __init__(self, output_dir: str | Path, run_name: str, cfg: Any = None) -> None:
+        """`cfg` (the run's config) turns on its `tracking` backend, fed from `log`."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.final = Path(output_dir).resolve() / f"{run_name}-{stamp}"
         self.path = self.final.with_name(self.final.name + INCOMPLETE)
         self.path.mkdir(parents=True, exist_ok=False)
         self.metrics_path = self.path / "metrics.jsonl"
+        self.tracking = RunTracking(cfg, self.path) if cfg is not None else None
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")
+        if self.tracking is not None:  # the same record, after it is safely in the JSONL
+            self.tracking.on_record(json.loads(json.dumps(record, default=_jsonable)))
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
@@ -41,6 +46,9 @@ class RunDir:
         return target
 
     def finish(self) -> Path:
+        if self.tracking is not None:  # PNGs as artifacts; files closed before the rename
+            self.tracking.finish(self.path)
+            self.tracking = None
         if self.final.exists():
             shutil.rmtree(self.final)
         self.path.rename(self.final)

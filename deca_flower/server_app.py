@@ -83,7 +83,7 @@ class Coordinator:
         info = self._handshake(node_ids)
         num_blocks = info[0]["num_blocks"]
         self.steps = int(info[0]["steps_per_phase"])
-        run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name)
+        run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name, self.cfg)
         self.run_dir = run_dir
         run_dir.write_text("config.yaml", to_yaml(self.cfg))
         self._log_setup(info, num_blocks)
