@@ -132,16 +132,25 @@ class Engine:
         self.run_dir.write_text("config.yaml", to_yaml(cfg))
         self._log_setup()
         if cfg.eval.zero_shot:
+            self._announce_eval(-1)
             self._evaluate(round_idx=-1)
         global_step = 0
         for t in range(cfg.train.rounds):
             for k in block_order(self.num_blocks, cfg.train.block_order, t, cfg.seed):
                 global_step = self._run_block(t, k, global_step)
             if (t + 1) % cfg.eval.every_rounds == 0 or t == cfg.train.rounds - 1:
+                self._announce_eval(t)
                 self._evaluate(round_idx=t)
         if cfg.train.final_average:
             self._average_all_models()
         return self._finish()
+
+    def _announce_eval(self, round_idx: int) -> None:
+        cfg = self.cfg
+        average = cfg.eval.average_model and len(self.peers) > 1
+        self.progress.evaluating(
+            round_idx, cfg.num_clients, cfg.eval.max_examples_per_client, average
+        )
 
     def _run_block(self, t: int, k: int, global_step: int) -> int:
         peers = self.peers

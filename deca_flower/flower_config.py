@@ -36,6 +36,7 @@ KNOBS = {
     "partitioner": "data.partitioner",
     "partition-by": "data.partition_by",
     "tracking": "tracking",
+    "verbose": "verbose",
 }
 FREE_FORM = "overrides"
 

@@ -65,11 +65,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class Progress:
     """One console line per phase: phase i of N, mean loss, elapsed and estimated time left."""
 
-    def __init__(self, total_phases: int, stream=sys.stdout) -> None:
+    def __init__(self, total_phases: int, stream=None) -> None:
         self.total = total_phases
         self.done = 0
         self.start = time.perf_counter()
-        self.stream = stream
+        self.stream = stream  # None: sys.stdout at print time (a redirect or capture applies)
 
     def phase_done(self, label: str, mean_loss: float) -> None:
         self.done += 1
@@ -78,12 +78,21 @@ class Progress:
         print(
             f"[deca] phase {self.done}/{self.total} {label} loss={mean_loss:.4f} "
             f"elapsed={_hms(elapsed)} left~{_hms(left)}",
-            file=self.stream,
+            file=self.stream or sys.stdout,
             flush=True,
         )
 
     def note(self, message: str) -> None:
-        print(f"[deca] {message}", file=self.stream, flush=True)
+        print(f"[deca] {message}", file=self.stream or sys.stdout, flush=True)
+
+    def evaluating(self, round_idx: int, num_clients: int, per_client: int, average: bool) -> None:
+        """Announce an evaluation: generating answers takes a while, and no bar shows it."""
+        tag = "zero-shot" if round_idx == -1 else f"after round {round_idx + 1}"
+        plus = " and the parameter average" if average and round_idx >= 0 else ""
+        self.note(
+            f"evaluating {tag}: {num_clients} clients' models{plus} on up to {per_client} "
+            "test examples each"
+        )
 
 
 def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:

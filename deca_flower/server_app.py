@@ -90,12 +90,14 @@ class Coordinator:
         progress = Progress(self.cfg.train.rounds * num_blocks)
         self.progress = progress
         if self.cfg.eval.zero_shot:
+            self._announce_eval(-1)
             self._evaluate(-1)
         global_step = 0
         for t in range(self.cfg.train.rounds):
             for blocks in self._phases(t, num_blocks):
                 global_step = self._train_phase(t, blocks, global_step)
             if (t + 1) % self.cfg.eval.every_rounds == 0 or t == self.cfg.train.rounds - 1:
+                self._announce_eval(t)
                 self._evaluate(t)
         self._finish_nodes()
         run_dir.log(
@@ -112,6 +114,10 @@ class Coordinator:
         plot_run(records, run_dir.path, labels)
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
+
+    def _announce_eval(self, t: int) -> None:
+        per_client = self.cfg.eval.max_examples_per_client
+        self.progress.evaluating(t, self.n, per_client, self.cfg.eval.average_model)
 
     def _finish_nodes(self) -> None:
         """Nodes export their final model if asked, and drop simulation-only state."""

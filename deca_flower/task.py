@@ -8,6 +8,7 @@ coordination, and the engine builds exactly what the Flower simulation builds.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import datasets
@@ -18,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deca_flower.adapters import AdapterPartition
 from deca_flower.blocks import BlockPartition
+from deca_flower.console import note, set_verbose
 from deca_flower.data import (
     CUSTOM,
     BatchStream,
@@ -81,6 +83,7 @@ def wire_dtype(cfg: DictConfig) -> torch.dtype:
 def load_base_model(
     cfg: DictConfig, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    set_verbose(cfg.verbose)  # before the first load: its "Loading weights" bar
     model, tokenizer = load_model(
         cfg.model.name,
         dtype=model_dtype(cfg),
@@ -149,12 +152,24 @@ def make_stream(
     )
 
 
+# Encoding this many rows takes seconds: say so (smaller client shards stay silent).
+ENCODING_NOTE_ROWS = 1000
+
+
 def _encode_train(
     cfg: DictConfig, run_data: RunData, rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
 ) -> datasets.Dataset:
+    loud = len(rows) >= ENCODING_NOTE_ROWS
+    if loud:
+        note(f"encoding {len(rows)} training rows (max_length {cfg.data.max_length})")
+    start = time.perf_counter()
     if is_generation_task(cfg.data.name):
-        return encode_instructions(rows, tokenizer, cfg.data.max_length)
-    return encode_dataset(rows, tokenizer, run_data.task, cfg.data.max_length)
+        encoded = encode_instructions(rows, tokenizer, cfg.data.max_length)
+    else:
+        encoded = encode_dataset(rows, tokenizer, run_data.task, cfg.data.max_length)
+    if loud:
+        note(f"encoded {len(rows)} rows in {time.perf_counter() - start:.1f} s")
+    return encoded
 
 
 def make_pooled_stream(

@@ -259,3 +259,17 @@ def test_split_by_column_command_writes_one_file_per_site(tmp_path, capsys):
         assert list(raw["text"]) == expected
     with pytest.raises(SystemExit, match="column 'region' not found"):
         main(["split-by-column", str(path), "region", str(tmp_path / "x")])
+
+
+def test_ci_runs_the_readme_test_command_and_deps_free_installs_come_last():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ci = [line for line in (root / ".ci/run").read_text().splitlines() if "pip install" in line]
+    readme = (root / "README.md").read_text()
+    assert len(ci) == 1 and ci[0] in readme
+    for line in [ci[0], *(x for x in readme.splitlines() if "pip install torch" in x)]:
+        steps = [s.strip() for s in line.split("&&") if "pip install" in s]
+        # A resolver run after the --no-deps wheels prints "ERROR: pip's dependency resolver".
+        no_deps = [i for i, s in enumerate(steps) if "--no-deps" in s]
+        assert no_deps == [len(steps) - 1], line
