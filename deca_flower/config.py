@@ -282,8 +282,7 @@ def validate_data(data: DictConfig) -> None:
             f"data.labels is for data.name=custom only (data.name={data.name!r} has its own "
             "labels); set data.name=custom to use your labels"
         )
-    if name in ("custom", "custom-instruction") and not data.path:
-        raise ConfigError(f"data.name={name} reads your file: set data.path (CSV/JSONL/parquet)")
+    # data.path is checked where data is loaded: a deployed site reads its own data-path.
     if name == "custom-instruction" and not (data.prompt_column and data.response_column):
         raise ConfigError(
             "data.name=custom-instruction needs data.prompt_column and data.response_column "
@@ -352,8 +351,6 @@ def _validate_split(data: DictConfig) -> None:
             f"data.partition_by is read by data.partitioner=natural only (got "
             f"data.partitioner={data.partitioner}); remove it or set data.partitioner=natural"
         )
-    if data.partition_by and not data.path:
-        raise ConfigError("data.partition_by needs data.path, a local file with that column")
     if data.shard_size is not None and data.shard_size < 1:
         raise ConfigError(f"data.shard_size must be >= 1 or null, got {data.shard_size}")
 

@@ -36,7 +36,7 @@ def write_custom_csv(path, rows_per_site: int = 40) -> list[dict[str, str]]:
 def custom_overrides(path, **extra):
     return {
         "data.name": "custom",
-        "data.path": str(path),
+        "data.path": None if path is None else str(path),
         "data.labels": "[low,mid,high]",
         "data.instruction": "'How high is the level? Choose from {choices}.'",
         "data.text_column": "body",
@@ -96,7 +96,6 @@ def test_custom_natural_split_matches_the_file_and_runs(tmp_path):
         ({"data.labels": "[yes,no]"}, "quote the label words"),
         ({"data.instruction": "'no placeholder'"}, "{choices} placeholder"),
         ({"data.instruction": None}, "data.name=custom needs data.instruction"),
-        ({"data.path": None}, "set data.path"),
         ({"data.partitioner": "natural"}, "data.partition_by"),
         ({"data.partition_by": "site"}, "data.partitioner=natural only"),
         ({"data.partitioner": "random"}, "data.partitioner='random' is not allowed"),
@@ -144,6 +143,9 @@ def test_bad_custom_files_list_what_was_found(tmp_path):
     with pytest.raises(DataError) as err:
         _prepare(tmp_path, unseen)
     assert "['mid'] never occur" in str(err.value) and "'low': 20" in str(err.value)
+
+    with pytest.raises(DataError, match="data.name=custom reads your file: set data.path"):
+        _prepare(tmp_path, None)
 
     empty = tmp_path / "empty.csv"
     empty.write_text("")
