@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from deca_flower.blocks import BLOCK_ORDERS
+from deca_flower.generation import is_generation_task
 from deca_flower.methods import METHODS
 from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
 from deca_flower.partitioning import CLASS_ASSIGNMENTS, LABEL_FREE, PARTITIONERS
@@ -274,7 +275,7 @@ CUSTOM_KEYS = ("labels", "instruction", "text_column", "label_column", "pair_col
 def validate_data(data: DictConfig) -> None:
     """The data keys that depend on each other: custom tasks and the split's settings."""
     name = str(data.name).strip().lower()
-    generation = name in ("alpaca", "custom-instruction")
+    generation = is_generation_task(name)
     if name == "custom":
         _validate_custom_labels(data)
     elif data.labels:
