@@ -20,10 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from deca_flower.blocks import BLOCK_ORDERS
+from deca_flower.generation import is_generation_task
 from deca_flower.methods import METHODS
 from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
+from deca_flower.partitioning import CLASS_ASSIGNMENTS, LABEL_FREE, PARTITIONERS
 from deca_flower.secure_channel import ENCRYPTIONS
 from deca_flower.topology import MIXING_RULES, TOPOLOGIES
+from deca_flower.tracking import missing_requirement
 
 PRESET_GROUPS = ("model", "data", "topology", "algorithm")
 DEFAULT_PRESETS = {
@@ -54,9 +57,23 @@ class DataConfig:
     path: str | None = None  # local CSV/JSONL/parquet instead of the hub
     text_column: str | None = None
     label_column: str | None = None
+    pair_column: str | None = None  # a second text column (sentence pairs)
+    # name=custom: your own labels (verbalizers, in label-id order) and prompt.
+    labels: list[str] = field(default_factory=list)
+    instruction: str | None = None  # the prompt text, with a {choices} placeholder
+    # Instruction data (alpaca, custom-instruction): the prompt and answer columns.
+    prompt_column: str | None = None
+    response_column: str | None = None
     max_examples: int | None = 2000  # subsample the pooled set before partitioning
-    alpha: float = 0.5  # Dirichlet concentration: smaller = more label skew
-    min_partition_size: int = 10
+    # The simulated split (flwr-datasets partitioners; docs/data.md).
+    partitioner: str | None = None  # None: dirichlet (classification), iid (instruction data)
+    alpha: float = 0.5  # dirichlet / inner-dirichlet concentration: smaller = more label skew
+    min_partition_size: int = 10  # dirichlet
+    partition_by: str | None = None  # natural: the column naming each row's site
+    classes_per_client: int = 2  # pathological
+    class_assignment: str = "random"  # pathological: random | deterministic | first-deterministic
+    shards_per_client: int = 2  # shard
+    shard_size: int | None = None  # shard: rows per shard (None: sized to use every row)
     test_fraction: float = 0.2  # each client's local held-out split
     max_length: int = 128
     batch_size: int = 4
@@ -171,6 +188,8 @@ class DecaConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    tracking: str = "none"  # none | tensorboard | mlflow | wandb (besides metrics.jsonl)
+    verbose: bool = False  # also show transformers' / GGUF's own progress bars
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -186,6 +205,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gossip.encryption": ENCRYPTIONS,
     "flower.phase": ("auto", "block", "round"),
     "faults.on_peer_loss": ("continue", "wait", "stop"),
+    "data.partitioner": (None, *PARTITIONERS),
+    "data.class_assignment": CLASS_ASSIGNMENTS,
+    "tracking": ("none", "tensorboard", "mlflow", "wandb"),
 }
 
 # Every wait is bounded, and each bound must leave room for the one it sits in.
@@ -203,6 +225,8 @@ POSITIVE = (
     "train.layers_per_block",
     "algorithm.lr",
     "data.alpha",
+    "data.classes_per_client",
+    "data.shards_per_client",
     "data.batch_size",
     "data.max_length",
     "eval.batch_size",
@@ -281,6 +305,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
     _check_timeout_order(cfg)
     parse_fault_injection(cfg.faults.inject)
+    validate_data(cfg.data)
+    missing = missing_requirement(cfg.tracking)
+    if missing:
+        raise ConfigError(missing)
 
 
 def _check_timeout_order(cfg: DictConfig) -> None:
@@ -304,6 +332,93 @@ def parse_fault_injection(spec: str) -> set[tuple[int, int]]:
             )
         out.add((int(rank), int(phase)))
     return out
+
+
+CUSTOM_KEYS = ("labels", "instruction", "text_column", "label_column", "pair_column")
+
+
+def validate_data(data: DictConfig) -> None:
+    """The data keys that depend on each other: custom tasks and the split's settings."""
+    name = str(data.name).strip().lower()
+    generation = is_generation_task(name)
+    if name == "custom":
+        _validate_custom_labels(data)
+    elif data.labels:
+        raise ConfigError(
+            f"data.labels is for data.name=custom only (data.name={data.name!r} has its own "
+            "labels); set data.name=custom to use your labels"
+        )
+    # data.path is checked where data is loaded: a deployed site reads its own data-path.
+    if name == "custom-instruction" and not (data.prompt_column and data.response_column):
+        raise ConfigError(
+            "data.name=custom-instruction needs data.prompt_column and data.response_column "
+            f"(got {data.prompt_column!r} and {data.response_column!r})"
+        )
+    if generation:
+        for key in CUSTOM_KEYS[1:]:
+            if data.get(key):
+                raise ConfigError(
+                    f"data.{key} is for classification; instruction data (data.name={name}) "
+                    "uses data.prompt_column and data.response_column"
+                )
+        if data.partitioner is not None and data.partitioner not in LABEL_FREE:
+            raise ConfigError(
+                f"data.partitioner={data.partitioner} splits by label, and data.name={name} "
+                f"has no labels; choose one of {list(LABEL_FREE)}"
+            )
+    elif data.prompt_column or data.response_column:
+        raise ConfigError(
+            "data.prompt_column / data.response_column are for instruction data "
+            "(data.name=alpaca or custom-instruction); classification uses data.text_column "
+            "and data.label_column"
+        )
+    if data.instruction is not None and "{choices}" not in data.instruction:
+        raise ConfigError(
+            f"data.instruction={data.instruction!r} needs a {{choices}} placeholder (filled "
+            "with the labels, e.g. {negative/positive})"
+        )
+    _validate_split(data)
+
+
+def _validate_custom_labels(data: DictConfig) -> None:
+    labels = [str(word).strip() for word in data.labels]
+    if len(labels) < 2:
+        raise ConfigError(
+            f"data.name=custom needs data.labels, at least two label words in label-id "
+            f"order, e.g. data.labels=[negative,positive]; got {list(data.labels)}"
+        )
+    if {"True", "False"} & set(labels):
+        raise ConfigError(
+            f"data.labels={labels}: YAML read a bare yes/no/true/false as a boolean; quote "
+            'the label words, e.g. data.labels=\'["yes","no"]\''
+        )
+    lowered = [word.lower() for word in labels]
+    duplicates = sorted({w for w in lowered if lowered.count(w) > 1})
+    if duplicates or "" in lowered or any(word.isdigit() for word in labels):
+        raise ConfigError(
+            f"data.labels={labels} must be distinct (case-insensitive), non-empty words that "
+            f"are not numbers (ids 0..{len(labels) - 1} are read as ids); duplicates: {duplicates}"
+        )
+    if not data.instruction:
+        raise ConfigError(
+            "data.name=custom needs data.instruction, the prompt text with a {choices} "
+            "placeholder, e.g. 'What is the sentiment of this review? Choose from {choices}.'"
+        )
+
+
+def _validate_split(data: DictConfig) -> None:
+    if data.partitioner == "natural" and not data.partition_by:
+        raise ConfigError(
+            "data.partitioner=natural needs data.partition_by, the column naming each "
+            "row's site (one client per distinct value)"
+        )
+    if data.partition_by and data.partitioner != "natural":  # a typo'd split must not pass
+        raise ConfigError(
+            f"data.partition_by is read by data.partitioner=natural only (got "
+            f"data.partitioner={data.partitioner}); remove it or set data.partitioner=natural"
+        )
+    if data.shard_size is not None and data.shard_size < 1:
+        raise ConfigError(f"data.shard_size must be >= 1 or null, got {data.shard_size}")
 
 
 def bma_weights(cfg: DictConfig) -> tuple[float, float] | None:

@@ -32,6 +32,8 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 TEXT = "text"
 LABEL = "label"
+GROUP = "group"  # the data.partition_by value of each row (kept for the natural split)
+CUSTOM = "custom"  # data.name of a classification task defined by config alone
 IGNORE_INDEX = -100  # torch CrossEntropyLoss / HF causal-LM ignore value
 
 _FEATURES = datasets.Features({TEXT: datasets.Value("string"), LABEL: datasets.Value("int64")})
@@ -86,10 +88,11 @@ class TaskSpec:
         return lookup
 
     def join_input(self, text: str, pair: str | None = None) -> str:
-        """The ``Input:`` text; sentence pairs are labelled so the model can tell them apart."""
+        """The ``Input:`` text; sentence pairs are labelled by their column names
+        (MNLI: ``Premise: ...\nHypothesis: ...``) so the model can tell them apart."""
         if self.pair_column is None:
             return text
-        return f"Premise: {text}\nHypothesis: {pair}"
+        return f"{self.text_column.capitalize()}: {text}\n{self.pair_column.capitalize()}: {pair}"
 
 
 def _choices(words: Iterable[str]) -> str:
@@ -165,8 +168,43 @@ def get_task(name: str) -> TaskSpec:
     key = name.strip().lower()
     key = _NAME_ALIASES.get(key, key)
     if key not in TASKS:
-        raise DataError(f"unknown dataset data.name={name!r}; choose one of {sorted(TASKS)}")
+        raise DataError(
+            f"unknown dataset data.name={name!r}; choose one of {sorted(TASKS)}, or "
+            f"data.name={CUSTOM} with data.labels for your own labelled data"
+        )
     return TASKS[key]
+
+
+def fill_choices(instruction: str, labels: Sequence[str]) -> str:
+    """``{choices}`` in a custom instruction -> ``{a/b/c}``, the built-in tasks' layout.
+
+    ``str.replace``, not ``format``: other braces in the user's text stay as written.
+    """
+    return instruction.replace("{choices}", _choices(labels))
+
+
+def task_from_config(data: Any) -> TaskSpec:
+    """The run's classification task: a built-in one (with column/prompt overrides) or,
+    for ``data.name=custom``, the one the ``data.*`` keys define."""
+    columns = {
+        "text_column": data.get("text_column"),
+        "label_column": data.get("label_column"),
+        "pair_column": data.get("pair_column"),
+    }
+    columns = {k: v for k, v in columns.items() if v}
+    if str(data.name).strip().lower() == CUSTOM:
+        labels = tuple(str(word) for word in data.labels)
+        return TaskSpec(
+            name=CUSTOM,
+            instruction=fill_choices(str(data.instruction), labels),
+            verbalizers=labels,
+            **columns,
+        )
+    task = dataclasses.replace(get_task(data.name), **columns)
+    if data.get("instruction"):
+        verbalizers = task.verbalizers
+        task = dataclasses.replace(task, instruction=fill_choices(data.instruction, verbalizers))
+    return task
 
 
 # ----------------------------------------------------------------------- loading
@@ -239,7 +277,26 @@ def _resolve_local_file(path: str, split: str) -> Path:
 def _load_local(path: str, split: str) -> datasets.Dataset:
     file = _resolve_local_file(path, split)
     builder = _LOCAL_BUILDERS[file.suffix.lower()]
-    return datasets.load_dataset(builder, data_files=str(file), split="train")
+    if file.stat().st_size == 0:
+        raise DataError(f"data.path={path!r}: {file} is empty (found 0 bytes, no header)")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(file), split="train")
+    except Exception as err:  # a parser's error, with the file and setting it concerns
+        lines = _first_lines(file, 2) if builder != "parquet" else []
+        if len(lines) == 1:  # datasets cannot say "header only" itself
+            raise DataError(
+                f"data.path={path!r}: {file} has no rows (found only the line {lines[0]!r})"
+            ) from None
+        raise DataError(f"data.path={path!r}: could not read {file} as {builder}: {err}") from err
+    if len(ds) == 0:
+        raise DataError(f"data.path={path!r}: {file} has no rows (found columns {ds.column_names})")
+    return ds
+
+
+def _first_lines(file: Path, count: int) -> list[str]:
+    with file.open(encoding="utf-8", errors="replace") as handle:
+        lines = (line.strip() for line in handle)
+        return [line for _, line in zip(range(count), filter(None, lines))]
 
 
 def _load_hub(task: TaskSpec, split: str) -> datasets.Dataset:
@@ -276,30 +333,65 @@ def _labels_to_ids(values: Sequence[Any], task: TaskSpec) -> list[int]:
         ids.append(label)
     if unknown:
         allowed = [f"0..{task.num_labels - 1}", *task.verbalizers, *dict(task.label_aliases)]
+        found = sorted({repr(v) for v in values})
         raise DataError(
             f"data.label_column={task.label_column!r} of data.name={task.name!r} holds unknown "
-            f"label values {sorted(unknown)[:20]}; allowed (case-insensitive): {allowed}"
+            f"label values {sorted(unknown)[:20]}; allowed (case-insensitive): {allowed}; "
+            f"the column holds {len(found)} distinct values: {found[:30]}"
+            + (" (set data.labels to your label names)" if task.name == CUSTOM else "")
         )
     return ids
 
 
-def normalize_dataset(raw: datasets.Dataset, task: TaskSpec) -> datasets.Dataset:
-    """Map source columns to the ``text``/``label`` pair every other module uses."""
-    wanted = {"data.text_column": task.text_column, "data.label_column": task.label_column}
-    if task.pair_column is not None:
-        wanted["data.pair_column"] = task.pair_column
-    missing = [f"{key}={col!r}" for key, col in wanted.items() if col not in raw.column_names]
+def check_every_label_seen(ds: datasets.Dataset, task: TaskSpec) -> None:
+    """A label with no example cannot be learnt or scored: usually a typo in data.labels."""
+    counts = np.bincount(np.asarray(ds[LABEL], dtype=np.int64), minlength=task.num_labels)
+    missing = [task.verbalizers[i] for i, c in enumerate(counts) if c == 0]
+    if missing:
+        found = {task.verbalizers[i]: int(c) for i, c in enumerate(counts) if c}
+        raise DataError(
+            f"data.labels {missing} never occur in data.label_column={task.label_column!r}; "
+            f"rows per label found: {found}. Remove them from data.labels or add examples"
+        )
+
+
+def check_columns(raw: datasets.Dataset, wanted: dict[str, str | None], name: str) -> None:
+    """Every ``{setting: column}`` with a column must exist; the error lists the file's columns."""
+    missing = [
+        f"{key}={col!r}" for key, col in wanted.items() if col and col not in raw.column_names
+    ]
     if missing:
         raise DataError(
-            f"data.name={task.name!r}: column(s) {', '.join(missing)} not found; "
+            f"data.name={name!r}: column(s) {', '.join(missing)} not found; "
             f"the data has columns {raw.column_names}"
         )
+
+
+def group_column(raw: datasets.Dataset, partition_by: str | None) -> dict[str, list[str]]:
+    """``{GROUP: [...]}``: each row's ``data.partition_by`` value as text, or nothing."""
+    if not partition_by:
+        return {}
+    return {GROUP: ["" if v is None else str(v) for v in raw[partition_by]]}
+
+
+def normalize_dataset(
+    raw: datasets.Dataset, task: TaskSpec, partition_by: str | None = None
+) -> datasets.Dataset:
+    """Map source columns to the ``text``/``label`` pair every other module uses
+    (plus ``group``, the ``partition_by`` column, when a natural split needs it)."""
+    wanted = {"data.text_column": task.text_column, "data.label_column": task.label_column}
+    wanted.update({"data.pair_column": task.pair_column, "data.partition_by": partition_by})
+    check_columns(raw, wanted, task.name)
     texts = ["" if t is None else str(t).strip() for t in raw[task.text_column]]
     if task.pair_column is not None:
         pairs = ["" if p is None else str(p).strip() for p in raw[task.pair_column]]
         texts = [task.join_input(t, p) for t, p in zip(texts, pairs, strict=True)]
     labels = _labels_to_ids(raw[task.label_column], task)
-    return datasets.Dataset.from_dict({TEXT: texts, LABEL: labels}, features=_FEATURES)
+    columns = {TEXT: texts, LABEL: labels, **group_column(raw, partition_by)}
+    features = _FEATURES.copy()
+    if partition_by:
+        features[GROUP] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def load_task_dataset(
@@ -320,8 +412,22 @@ def load_task_dataset(
     task = get_task(name)
     overrides = {"text_column": text_column, "label_column": label_column}
     task = dataclasses.replace(task, **{k: v for k, v in overrides.items() if v})
+    return load_task(task, path, split)
+
+
+def load_task(
+    task: TaskSpec, path: str | None, split: str = "train", partition_by: str | None = None
+) -> tuple[TaskSpec, datasets.Dataset]:
+    """``load_task_dataset`` for an already resolved task (built-in or custom)."""
     if path:
-        return task, normalize_dataset(_load_local(path, split), task)
+        return task, normalize_dataset(_load_local(path, split), task, partition_by)
+    if task.name == CUSTOM:
+        raise DataError("data.name=custom reads your file: set data.path (CSV/JSONL/parquet)")
+    if partition_by:
+        raise DataError(
+            f"data.partition_by={partition_by!r} needs a local file with that column: "
+            "set data.path (the hub and embedded copies have only text and label)"
+        )
     if task.hub_id is None:
         if split != "train":
             raise DataError(
@@ -435,8 +541,13 @@ def plot_label_distribution(
     path: str | os.PathLike[str],
     label_names: Sequence[str],
     label_column: str = LABEL,
+    split: dict[str, Any] | None = None,
 ) -> None:
-    """Stacked bar chart of label counts per client, saved as PNG."""
+    """Stacked bar chart of label counts per client, saved as PNG.
+
+    ``split`` (``RunData.split``) names the partitioner in the title and, for a
+    natural split, each client's site under its bar.
+    """
     from matplotlib.figure import Figure  # Figure + savefig uses Agg; no pyplot state
 
     counts = np.asarray(label_counts(partitions, label_column, len(label_names)))
@@ -447,10 +558,12 @@ def plot_label_distribution(
     for label, name in enumerate(label_names):
         ax.bar(clients, counts[:, label], bottom=bottom, label=name)
         bottom += counts[:, label]
-    ax.set_xticks(clients)
-    ax.set_xlabel("client")
+    sites = (split or {}).get("sites")
+    ax.set_xticks(clients, [f"{i}\n{s}" for i, s in enumerate(sites)] if sites else clients)
+    ax.set_xlabel("client (site)" if sites else "client")
     ax.set_ylabel("examples")
-    ax.set_title("Label distribution per client")
+    how = f" ({split['partitioner']} split)" if split else ""
+    ax.set_title(f"Label distribution per client{how}")
     ax.legend(title="label", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png")

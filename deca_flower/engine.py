@@ -101,7 +101,7 @@ class Engine:
             self.lora_layout = lora_layout(
                 [(n, p.shape) for n, p in first.partition.named_parameters(0)]
             )
-        self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name)
+        self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name, cfg)
         self.progress = Progress(self.total_phases)
         # faults.inject replays lost sites: from that phase on the run goes on without them,
         # with W rebuilt on the survivors, as the coordinator does (faults.on_peer_loss).
@@ -138,6 +138,7 @@ class Engine:
         self.run_dir.write_text("config.yaml", to_yaml(cfg))
         self._log_setup()
         if cfg.eval.zero_shot:
+            self._announce_eval(-1)
             self._evaluate(round_idx=-1)
         global_step = 0
         for t in range(cfg.train.rounds):
@@ -146,6 +147,7 @@ class Engine:
                 global_step = self._run_block(t, k, global_step)
                 self.phase += 1
             if (t + 1) % cfg.eval.every_rounds == 0 or t == cfg.train.rounds - 1:
+                self._announce_eval(t)
                 self._evaluate(round_idx=t)
         if cfg.train.final_average:
             self._average_all_models()
@@ -165,6 +167,13 @@ class Engine:
         )
         self.run_dir.log({"type": "membership", "phase": self.phase, **self.membership.record()})
         self.progress.note(f"faults.inject: going on without rank(s) {sorted(lost)}")
+
+    def _announce_eval(self, round_idx: int) -> None:
+        cfg = self.cfg
+        average = cfg.eval.average_model and len(self.peers) > 1
+        self.progress.evaluating(
+            round_idx, cfg.num_clients, cfg.eval.max_examples_per_client, average
+        )
 
     def _run_block(self, t: int, k: int, global_step: int) -> int:
         peers = [self.peers[r] for r in self.members]
@@ -241,13 +250,15 @@ class Engine:
                 "type": "data",
                 "train_sizes": sizes,
                 "test_sizes": [len(c.test) for c in self.run_data.clients],
+                **(self.run_data.split or {}),
             }
         )
-        if not self.generation:  # instruction data has no labels (IID shards)
+        if not self.generation:  # instruction data has no labels
             plot_label_distribution(
                 [c.train for c in self.run_data.clients],
                 self.run_dir.path / "label_distribution.png",
                 label_names=list(self.run_data.task.verbalizers),
+                split=self.run_data.split,
             )
         self.progress.note(
             f"{self.method.description}; {self.cfg.num_clients} clients on a {info['name']} "

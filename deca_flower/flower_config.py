@@ -33,6 +33,10 @@ KNOBS = {
     "mu2": "algorithm.mu2",
     "alpha": "data.alpha",
     "topology-p": "topology.p",
+    "partitioner": "data.partitioner",
+    "partition-by": "data.partition_by",
+    "tracking": "tracking",
+    "verbose": "verbose",
 }
 FREE_FORM = "overrides"
 

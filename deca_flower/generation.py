@@ -17,13 +17,22 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deca_flower.data import IGNORE_INDEX, DataError, _load_hub, _load_local
+from deca_flower.data import (
+    GROUP,
+    IGNORE_INDEX,
+    DataError,
+    _load_hub,
+    _load_local,
+    check_columns,
+    group_column,
+)
 
 PROMPT = "prompt"
 RESPONSE = "response"
@@ -55,30 +64,59 @@ class InstructionTask:
         )
 
 
-INSTRUCTION_TASKS = {"alpaca": InstructionTask("alpaca", hub_id="tatsu-lab/alpaca")}
+CUSTOM_INSTRUCTION = "custom-instruction"  # your own prompt/response file, by config alone
+
+INSTRUCTION_TASKS = {
+    "alpaca": InstructionTask("alpaca", hub_id="tatsu-lab/alpaca"),
+    # No hub copy and no context column: data.prompt_column / data.response_column name them.
+    CUSTOM_INSTRUCTION: InstructionTask(
+        CUSTOM_INSTRUCTION,
+        hub_id=None,
+        instruction_column="prompt",
+        input_column="",
+        output_column="response",
+    ),  # fmt: skip
+}
 
 
 def is_generation_task(name: str) -> bool:
     return name.strip().lower() in INSTRUCTION_TASKS
 
 
+def instruction_task_from_config(data: Any) -> InstructionTask:
+    """The run's instruction task, with ``data.prompt_column`` / ``data.response_column``
+    naming the instruction and answer columns of the file."""
+    task = INSTRUCTION_TASKS[str(data.name).strip().lower()]
+    columns = {
+        "instruction_column": data.get("prompt_column"),
+        "output_column": data.get("response_column"),
+    }
+    return replace(task, **{k: v for k, v in columns.items() if v})
+
+
 def load_instruction_dataset(
     name: str, path: str | None = None, split: str = "train"
 ) -> tuple[InstructionTask, datasets.Dataset]:
     """(task, Dataset with `prompt` and `response` columns)."""
-    task = INSTRUCTION_TASKS[name.strip().lower()]
+    return load_instruction(INSTRUCTION_TASKS[name.strip().lower()], path, split)
+
+
+def load_instruction(
+    task: InstructionTask, path: str | None, split: str = "train", partition_by: str | None = None
+) -> tuple[InstructionTask, datasets.Dataset]:
+    """(task, Dataset with `prompt` and `response` columns, and `group` for partition_by)."""
+    if not path and task.hub_id is None:
+        raise DataError(f"data.name={task.name} reads your file: set data.path")
     raw = _load_local(path, split) if path else _load_hub(task, split)
     needed = {
-        "instruction": task.instruction_column,
-        "output": task.output_column,
+        "data.prompt_column": task.instruction_column,
+        "data.response_column": task.output_column,
+        "data.partition_by": partition_by,
     }
-    missing = [f"{k} ({col!r})" for k, col in needed.items() if col not in raw.column_names]
-    if missing:
-        raise DataError(
-            f"data.name={name!r} needs columns {', '.join(missing)}; the data at "
-            f"data.path={path!r} has columns {raw.column_names}"
-        )
+    check_columns(raw, needed, task.name)
     contexts = raw[task.input_column] if task.input_column in raw.column_names else None
+    groups = group_column(raw, partition_by).get(GROUP)
+    kept: list[int] = []
     prompts, responses = [], []
     for i, (instruction, output) in enumerate(
         zip(raw[task.instruction_column], raw[task.output_column], strict=True)
@@ -88,9 +126,17 @@ def load_instruction_dataset(
             continue
         prompts.append(task.prompt(str(instruction).strip(), context))
         responses.append(str(output).strip())
+        kept.append(i)
     if not prompts:
-        raise DataError(f"data.name={name!r}: no row has both an instruction and an output")
-    return task, datasets.Dataset.from_dict({PROMPT: prompts, RESPONSE: responses})
+        raise DataError(
+            f"data.name={task.name!r}: no row has both a prompt (data.prompt_column="
+            f"{task.instruction_column!r}) and a response (data.response_column="
+            f"{task.output_column!r}); found {len(raw)} rows with columns {raw.column_names}"
+        )
+    columns = {PROMPT: prompts, RESPONSE: responses}
+    if groups is not None:
+        columns[GROUP] = [groups[i] for i in kept]
+    return task, datasets.Dataset.from_dict(columns)
 
 
 def iid_shards(ds: datasets.Dataset, num_clients: int, seed: int) -> list[datasets.Dataset]:

@@ -15,7 +15,6 @@ import contextlib
 import importlib.util
 import inspect
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -39,9 +38,8 @@ from transformers import (
 )
 
 from deca_flower.blocks import BlockError, find_decoder_layers
+from deca_flower.console import note, quiet_bars
 from deca_flower.tokenizer import byte_tokenizer
-
-log = logging.getLogger(__name__)
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 TINY_ARCHS = ("llama", "qwen2")
@@ -316,13 +314,15 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _convert_smollm2(gguf: Path, target: Path) -> None:
     start = time.perf_counter()
-    log.info("Converting %s once into %s (fp32 safetensors)", gguf.name, target)
-    model, tokenizer = _load_gguf(gguf)
+    note(f"converting {gguf.name} once into {target} (fp32 safetensors; a minute or so on a CPU)")
+    with quiet_bars():  # transformers' GGUF de-quantizing bar has no switch
+        model, tokenizer = _load_gguf(gguf)
     # Write into a temp dir beside the target and rename: a crash never leaves a half cache.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
-        model.save_pretrained(tmp)
+        with quiet_bars():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _CACHE_MARKER).write_text(json.dumps(_source_info(gguf)))
         if target.exists():  # stale cache (different GGUF): replace it
@@ -330,7 +330,7 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Converted in %.1f s", time.perf_counter() - start)
+    note(f"converted {gguf.name} in {time.perf_counter() - start:.1f} s")
 
 
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -21,21 +21,26 @@ import yaml
 
 from deca_flower.evaluation import confusion_matrix
 from deca_flower.secure_channel import describe_data_plane
+from deca_flower.tracking import RunTracking
 
 INCOMPLETE = ".incomplete"
 
 
 class RunDir:
-    def __init__(self, output_dir: str | Path, run_name: str) -> None:
+    def __init__(self, output_dir: str | Path, run_name: str, cfg: Any = None) -> None:
+        """`cfg` (the run's config) turns on its `tracking` backend, fed from `log`."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.final = Path(output_dir).resolve() / f"{run_name}-{stamp}"
         self.path = self.final.with_name(self.final.name + INCOMPLETE)
         self.path.mkdir(parents=True, exist_ok=False)
         self.metrics_path = self.path / "metrics.jsonl"
+        self.tracking = RunTracking(cfg, self.path) if cfg is not None else None
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")
+        if self.tracking is not None:  # the same record, after it is safely in the JSONL
+            self.tracking.on_record(json.loads(json.dumps(record, default=_jsonable)))
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
@@ -43,6 +48,9 @@ class RunDir:
         return target
 
     def finish(self) -> Path:
+        if self.tracking is not None:  # PNGs as artifacts; files closed before the rename
+            self.tracking.finish(self.path)
+            self.tracking = None
         if self.final.exists():
             shutil.rmtree(self.final)
         self.path.rename(self.final)
@@ -59,11 +67,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class Progress:
     """One console line per phase: phase i of N, mean loss, elapsed and estimated time left."""
 
-    def __init__(self, total_phases: int, stream=sys.stdout) -> None:
+    def __init__(self, total_phases: int, stream=None) -> None:
         self.total = total_phases
         self.done = 0
         self.start = time.perf_counter()
-        self.stream = stream
+        self.stream = stream  # None: sys.stdout at print time (a redirect or capture applies)
 
     def phase_done(self, label: str, mean_loss: float) -> None:
         self.done += 1
@@ -72,12 +80,21 @@ class Progress:
         print(
             f"[deca] phase {self.done}/{self.total} {label} loss={mean_loss:.4f} "
             f"elapsed={_hms(elapsed)} left~{_hms(left)}",
-            file=self.stream,
+            file=self.stream or sys.stdout,
             flush=True,
         )
 
     def note(self, message: str) -> None:
-        print(f"[deca] {message}", file=self.stream, flush=True)
+        print(f"[deca] {message}", file=self.stream or sys.stdout, flush=True)
+
+    def evaluating(self, round_idx: int, num_clients: int, per_client: int, average: bool) -> None:
+        """Announce an evaluation: generating answers takes a while, and no bar shows it."""
+        tag = "zero-shot" if round_idx == -1 else f"after round {round_idx + 1}"
+        plus = " and the parameter average" if average and round_idx >= 0 else ""
+        self.note(
+            f"evaluating {tag}: {num_clients} clients' models{plus} on up to {per_client} "
+            "test examples each"
+        )
 
 
 def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
-from deca_flower.data import get_task
+from deca_flower.data import task_from_config
 from deca_flower.evaluation import eval_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.generation import (
@@ -131,19 +131,21 @@ class Coordinator:
         info = self._handshake(node_ids)
         num_blocks = info[0]["num_blocks"]
         self.steps = int(info[0]["steps_per_phase"])
-        run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name)
+        run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name, self.cfg)
         self.run_dir = run_dir
         run_dir.write_text("config.yaml", to_yaml(self.cfg))
         self._log_setup(info, num_blocks)
         progress = Progress(self.cfg.train.rounds * len(self._phases(0, num_blocks)))
         self.progress = progress
         if self.cfg.eval.zero_shot:
+            self._announce_eval(-1)
             self._evaluate(-1)
         global_step = 0
         for t in range(self.cfg.train.rounds):
             for blocks in self._phases(t, num_blocks):
                 global_step = self._train_phase(t, blocks, global_step)
             if (t + 1) % self.cfg.eval.every_rounds == 0 or t == self.cfg.train.rounds - 1:
+                self._announce_eval(t)
                 self._evaluate(t)
         self._finish_nodes()
         run_dir.log(
@@ -156,10 +158,14 @@ class Coordinator:
         records = read_metrics(run_dir.metrics_path)
         run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
         generation = is_generation_task(self.cfg.data.name)
-        labels = None if generation else list(get_task(self.cfg.data.name).verbalizers)
+        labels = None if generation else list(task_from_config(self.cfg.data).verbalizers)
         plot_run(records, run_dir.path, labels)
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
+
+    def _announce_eval(self, t: int) -> None:
+        per_client = self.cfg.eval.max_examples_per_client
+        self.progress.evaluating(t, self.n, per_client, self.cfg.eval.average_model)
 
     def _finish_nodes(self) -> None:
         """Nodes export their final model if asked, and drop simulation-only state."""

@@ -8,6 +8,7 @@ coordination, and the engine builds exactly what the Flower simulation builds.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import datasets
@@ -18,25 +19,29 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deca_flower.adapters import AdapterPartition
 from deca_flower.blocks import BlockPartition
+from deca_flower.console import note, set_verbose
 from deca_flower.data import (
+    CUSTOM,
     BatchStream,
     ClientData,
     TaskSpec,
-    client_splits,
+    check_every_label_seen,
     encode_dataset,
-    load_task_dataset,
+    load_task,
     split_train_test,
+    task_from_config,
 )
 from deca_flower.generation import (
     InstructionTask,
     encode_instructions,
-    iid_shards,
+    instruction_task_from_config,
     is_generation_task,
-    load_instruction_dataset,
+    load_instruction,
 )
 from deca_flower.methods import make_partition as method_partition
 from deca_flower.methods import prepare_model
 from deca_flower.models import load_model
+from deca_flower.partitioning import SplitSettings, partition_dataset, site_names
 from deca_flower.topology import build_graph, mixing_matrix, validate_mixing_matrix
 
 # Progress bars from every `ds.map` in every Ray actor drown the run's own progress lines.
@@ -49,6 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class RunData:
     task: TaskSpec | InstructionTask
     clients: list[ClientData] | dict[int, ClientData]  # by rank; a site holds only its own
+    split: dict | None = None  # how the clients were made (logged with the data record)
 
     def eval_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
         """The first `max_examples` rows of a client's local test split."""
@@ -77,6 +83,7 @@ def wire_dtype(cfg: DictConfig) -> torch.dtype:
 def load_base_model(
     cfg: DictConfig, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    set_verbose(cfg.verbose)  # before the first load: its "Loading weights" bar
     model, tokenizer = load_model(
         cfg.model.name,
         dtype=model_dtype(cfg),
@@ -96,50 +103,42 @@ def build_topology(cfg: DictConfig) -> tuple[nx.Graph, torch.Tensor]:
 
 
 def prepare_data(cfg: DictConfig) -> RunData:
+    """The pooled data, subsampled and split over the clients by `data.partitioner`."""
     data = cfg.data
-    if is_generation_task(data.name):
-        return _prepare_instruction_data(cfg)
-    task, pooled = load_task_dataset(
-        data.name, data.path, text_column=data.text_column, label_column=data.label_column
-    )
+    task, pooled = load_run_dataset(cfg, data.path, keep_groups=True)
+    if isinstance(task, TaskSpec) and task.name == CUSTOM:
+        check_every_label_seen(pooled, task)  # on the whole file: a site may lack a label
     if data.max_examples is not None and len(pooled) > data.max_examples:
         pooled = pooled.shuffle(seed=cfg.seed).select(range(data.max_examples))
-    clients = client_splits(
-        pooled,
-        cfg.num_clients,
-        data.alpha,
-        cfg.seed,
-        test_fraction=data.test_fraction,
-        min_partition_size=data.min_partition_size,
-    )
-    return RunData(task, clients)
-
-
-def _prepare_instruction_data(cfg: DictConfig) -> RunData:
-    """Instruction tuning: IID shards (no labels to skew), each split into train/test."""
-    data = cfg.data
-    task, pooled = load_instruction_dataset(data.name, data.path)
-    if data.max_examples is not None and len(pooled) > data.max_examples:
-        pooled = pooled.shuffle(seed=cfg.seed).select(range(data.max_examples))
-    shards = iid_shards(pooled, cfg.num_clients, cfg.seed)
+    settings = SplitSettings.from_config(data, labelled=isinstance(task, TaskSpec))
+    shards = partition_dataset(pooled, cfg.num_clients, settings, cfg.seed)
+    # Seed each client's split by (seed, client) so shards do not share a permutation.
     clients = [
         ClientData(*split_train_test(shard, data.test_fraction, seed=[cfg.seed, i]))
         for i, shard in enumerate(shards)
     ]
-    return RunData(task, clients)
+    split = {"partitioner": settings.name}
+    if settings.name == "natural":
+        split["sites"] = site_names(pooled)
+    return RunData(task, clients, split)
+
+
+def load_run_dataset(
+    cfg: DictConfig, path: str | None, keep_groups: bool = False
+) -> tuple[TaskSpec | InstructionTask, datasets.Dataset]:
+    """The run's task and its normalised rows (with `group` if a natural split needs it)."""
+    data = cfg.data
+    by = data.partition_by if keep_groups and data.partitioner == "natural" else None
+    if is_generation_task(data.name):
+        return load_instruction(instruction_task_from_config(data), path, partition_by=by)
+    return load_task(task_from_config(data), path, partition_by=by)
 
 
 def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
-    """A deployed site's own data file: all of it is this node's shard (no Dirichlet split)."""
-    data = cfg.data
-    if is_generation_task(data.name):
-        task, local = load_instruction_dataset(data.name, path)
-    else:
-        task, local = load_task_dataset(
-            data.name, path, text_column=data.text_column, label_column=data.label_column
-        )
-    train, test = split_train_test(local, data.test_fraction, seed=[cfg.seed, rank])
-    return RunData(task, {rank: ClientData(train, test)})
+    """A deployed site's own data file: all of it is this node's shard (no simulated split)."""
+    task, local = load_run_dataset(cfg, path)
+    train, test = split_train_test(local, cfg.data.test_fraction, seed=[cfg.seed, rank])
+    return RunData(task, {rank: ClientData(train, test)}, {"partitioner": "site file"})
 
 
 def make_stream(
@@ -153,12 +152,24 @@ def make_stream(
     )
 
 
+# Encoding this many rows takes seconds: say so (smaller client shards stay silent).
+ENCODING_NOTE_ROWS = 1000
+
+
 def _encode_train(
     cfg: DictConfig, run_data: RunData, rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
 ) -> datasets.Dataset:
+    loud = len(rows) >= ENCODING_NOTE_ROWS
+    if loud:
+        note(f"encoding {len(rows)} training rows (max_length {cfg.data.max_length})")
+    start = time.perf_counter()
     if is_generation_task(cfg.data.name):
-        return encode_instructions(rows, tokenizer, cfg.data.max_length)
-    return encode_dataset(rows, tokenizer, run_data.task, cfg.data.max_length)
+        encoded = encode_instructions(rows, tokenizer, cfg.data.max_length)
+    else:
+        encoded = encode_dataset(rows, tokenizer, run_data.task, cfg.data.max_length)
+    if loud:
+        note(f"encoded {len(rows)} rows in {time.perf_counter() - start:.1f} s")
+    return encoded
 
 
 def make_pooled_stream(
