@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from deca_flower.blocks import BLOCK_ORDERS
 from deca_flower.methods import METHODS
-from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
+from deca_flower.optim import BIAS_CORRECTIONS, DISCREPANCY_REFS, DISCREPANCY_SCALES
 from deca_flower.topology import MIXING_RULES, TOPOLOGIES
 
 PRESET_GROUPS = ("model", "data", "topology", "algorithm")
@@ -91,6 +91,8 @@ class AlgorithmConfig:
     mu2: float = 0.333
     discrepancy_ref: str = "pre"  # pre | half
     discrepancy_scale: str = "precond"  # lr | l2 | precond
+    # literal: eq (5); exact: divide by the tracked signal weight (docs/algorithm-notes.md)
+    bias_correction: str = "literal"
     wire_dtype: str = "float32"  # float32 | model (send blocks in the model's dtype)
     lora_rank: int = 8  # dec-lora / decaf
     lora_alpha: float = 16.0
@@ -150,6 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.block_order": BLOCK_ORDERS,
     "algorithm.discrepancy_ref": DISCREPANCY_REFS,
     "algorithm.discrepancy_scale": DISCREPANCY_SCALES,
+    "algorithm.bias_correction": BIAS_CORRECTIONS,
     "algorithm.wire_dtype": ("float32", "model"),
     "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
