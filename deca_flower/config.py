@@ -57,6 +57,10 @@ class DataConfig:
     alpha: float = 0.5  # Dirichlet concentration: smaller = more label skew
     min_partition_size: int = 10
     test_fraction: float = 0.2  # each client's local held-out split
+    # The dataset's own test split (a file): every model is also scored on it (global test)
+    test_path: str | None = None
+    # Fraction of each client's training rows kept out for validation (lr selection); 0 = none
+    validation_fraction: float = 0.0
     max_length: int = 128
     batch_size: int = 4
 
@@ -107,6 +111,9 @@ class EvalConfig:
     every_rounds: int = 1
     average_model: bool = True  # also evaluate the parameter average of the clients
     zero_shot: bool = True  # evaluate the untrained model first
+    # Rows of a stratified pooled hold-out carved BEFORE partitioning (0 = none); every
+    # client's model and the average are scored on it. Caps data.test_path's split too.
+    global_test_size: int = 0
     max_new_tokens: int = 64  # generation tasks (alpaca): greedy answer length for ROUGE-L
     judge: str | None = None  # generation tasks: "module:function" scoring (prompts, answers)
 
@@ -220,6 +227,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.num_clients < 2:
         raise ConfigError(
             f"num_clients must be >= 2 for a decentralized run, got {cfg.num_clients}"
+        )
+    if cfg.eval.global_test_size < 0:
+        raise ConfigError(f"eval.global_test_size must be >= 0, got {cfg.eval.global_test_size}")
+    if not 0.0 <= cfg.data.validation_fraction < 1.0:
+        raise ConfigError(
+            f"data.validation_fraction must be in [0, 1), got {cfg.data.validation_fraction}"
         )
     for key in ("algorithm.mu1", "algorithm.mu2", "data.test_fraction"):
         value = OmegaConf.select(cfg, key)

@@ -24,6 +24,8 @@ from torch import nn
 DISCREPANCY_REFS = ("pre", "half")
 DISCREPANCY_SCALES = ("lr", "l2", "precond")
 BIAS_CORRECTIONS = ("literal", "exact")
+# What step_stats() reports per block, and the phase records carry per client.
+STEP_DIAGNOSTICS = ("local_step", "effective_step", "update_grad_cosine")
 # Chosen by measurement on SmolLM2-135M / rotten-tomatoes: see docs/algorithm-notes.md.
 DEFAULT_DISCREPANCY_SCALE = "precond"
 

@@ -26,6 +26,7 @@ from deca_flower.data import (
     encode_dataset,
     load_task_dataset,
     split_train_test,
+    stratified_holdout,
 )
 from deca_flower.generation import (
     InstructionTask,
@@ -49,12 +50,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class RunData:
     task: TaskSpec | InstructionTask
     clients: list[ClientData] | dict[int, ClientData]  # by rank; a site holds only its own
+    # One unskewed test split for every model (eval.global_test_size / data.test_path).
+    global_test: datasets.Dataset | None = None
+    # Per rank, a validation split carved from the client's training data (lr selection).
+    validation: list[datasets.Dataset] | dict[int, datasets.Dataset] | None = None
 
     def eval_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
         """The first `max_examples` rows of a client's local test split."""
-        test = self.clients[rank].test
-        rows = test.select(range(min(max_examples, len(test))))
-        return list(rows["text"]), [int(x) for x in rows["label"]]
+        return _rows(self.clients[rank].test, max_examples)
+
+    def validation_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
+        return _rows(self.validation[rank], max_examples)
+
+    def global_slice(self) -> tuple[list[str], list[int]]:
+        return _rows(self.global_test, len(self.global_test))
+
+
+def _rows(ds: datasets.Dataset, max_examples: int) -> tuple[list[str], list[int]]:
+    rows = ds.select(range(min(max_examples, len(ds))))
+    return list(rows["text"]), [int(x) for x in rows["label"]]
 
 
 def resolve_device(setting: str, rank: int = 0) -> torch.device:
@@ -104,6 +118,9 @@ def prepare_data(cfg: DictConfig) -> RunData:
     )
     if data.max_examples is not None and len(pooled) > data.max_examples:
         pooled = pooled.shuffle(seed=cfg.seed).select(range(data.max_examples))
+    global_test = _load_test_split(cfg)
+    if global_test is None and cfg.eval.global_test_size > 0:
+        pooled, global_test = stratified_holdout(pooled, cfg.eval.global_test_size, cfg.seed)
     clients = client_splits(
         pooled,
         cfg.num_clients,
@@ -112,7 +129,36 @@ def prepare_data(cfg: DictConfig) -> RunData:
         test_fraction=data.test_fraction,
         min_partition_size=data.min_partition_size,
     )
-    return RunData(task, clients)
+    clients, validation = _carve_validation(cfg, dict(enumerate(clients)))
+    return RunData(task, list(clients.values()), global_test, validation)
+
+
+def _load_test_split(cfg: DictConfig) -> datasets.Dataset | None:
+    """The dataset's own test split (data.test_path), capped at eval.global_test_size."""
+    data = cfg.data
+    if not data.test_path:
+        return None
+    _, test = load_task_dataset(
+        data.name, data.test_path, text_column=data.text_column, label_column=data.label_column
+    )
+    size = cfg.eval.global_test_size
+    if 0 < size < len(test):
+        _, test = stratified_holdout(test, size, cfg.seed)
+    return test
+
+
+def _carve_validation(
+    cfg: DictConfig, clients: dict[int, ClientData]
+) -> tuple[dict[int, ClientData], dict[int, datasets.Dataset] | None]:
+    """Split data.validation_fraction of every client's training rows off for validation."""
+    fraction = cfg.data.validation_fraction
+    if not fraction:
+        return clients, None
+    kept, validation = {}, {}
+    for rank, c in clients.items():
+        train, val = split_train_test(c.train, fraction, seed=[cfg.seed, rank, 1])
+        kept[rank], validation[rank] = ClientData(train, c.test), val
+    return kept, validation
 
 
 def _prepare_instruction_data(cfg: DictConfig) -> RunData:
@@ -139,7 +185,10 @@ def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
             data.name, path, text_column=data.text_column, label_column=data.label_column
         )
     train, test = split_train_test(local, data.test_fraction, seed=[cfg.seed, rank])
-    return RunData(task, {rank: ClientData(train, test)})
+    if is_generation_task(data.name):
+        return RunData(task, {rank: ClientData(train, test)})
+    clients, validation = _carve_validation(cfg, {rank: ClientData(train, test)})
+    return RunData(task, clients, _load_test_split(cfg), validation)
 
 
 def make_stream(
