@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from deca_flower.data import get_task
