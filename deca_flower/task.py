@@ -130,6 +130,7 @@ def prepare_data(cfg: DictConfig) -> RunData:
         min_partition_size=data.min_partition_size,
     )
     clients, validation = _carve_validation(cfg, dict(enumerate(clients)))
+    validation = None if validation is None else list(validation.values())
     return RunData(task, list(clients.values()), global_test, validation)
 
 
