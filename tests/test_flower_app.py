@@ -34,8 +34,6 @@ SETTINGS = {  # shared by the Flower run and the engine run it is compared with
     "topology.p": 0.6,
     "flower.keep_state": "true",
     "flower.export_models": "true",
-    "eval.global_test_size": 8,  # scored by every node's model and the average (sharded)
-    "data.validation_fraction": 0.1,
 }
 
 # `flwr` and the local SuperLink it starts must come from this environment.
@@ -152,6 +150,24 @@ def test_bytes_on_the_wire_are_block_times_degree(flower_run):  # invariant 12
 def test_flower_run_equals_in_process_engine(flower_run, tmp_path):
     out_dir, _, records, _ = flower_run
     cfg = load_config({"model": "tiny"}, {**SETTINGS, "output_dir": str(tmp_path)})
+    assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-5)
+
+
+def test_flower_evaluation_and_diagnostics_equal_the_engine(tmp_path):
+    settings = {
+        **{k: v for k, v in SETTINGS.items() if k != "flower.export_models"},
+        "num_clients": 3,
+        "topology.name": "ring",
+        "eval.global_test_size": 8,  # scored by every node's model and the average (sharded)
+        "data.validation_fraction": 0.1,
+        "algorithm.bias_correction": "exact",
+    }
+    out_dir = tmp_path / "flower"
+    proc = flwr_run(out_dir, {k: v for k, v in settings.items() if k != "num_clients"}, nodes=3)
+    runs = finished_runs(out_dir)
+    assert len(runs) == 1, f"no result:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    cfg = load_config({"model": "tiny"}, {**settings, "output_dir": str(tmp_path)})
     engine_records = assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-5)
     # Evaluation (generated and likelihood labels, validation, global test, majority
     # baselines) and the step diagnostics come out as the engine computes them.
