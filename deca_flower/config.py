@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from deca_flower.blocks import BLOCK_ORDERS
 from deca_flower.generation import is_generation_task
 from deca_flower.methods import METHODS
-from deca_flower.optim import DISCREPANCY_REFS, DISCREPANCY_SCALES
+from deca_flower.optim import BIAS_CORRECTIONS, DISCREPANCY_REFS, DISCREPANCY_SCALES
 from deca_flower.partitioning import CLASS_ASSIGNMENTS, LABEL_FREE, PARTITIONERS
 from deca_flower.secure_channel import ENCRYPTIONS
 from deca_flower.topology import MIXING_RULES, TOPOLOGIES
@@ -75,6 +75,10 @@ class DataConfig:
     shards_per_client: int = 2  # shard
     shard_size: int | None = None  # shard: rows per shard (None: sized to use every row)
     test_fraction: float = 0.2  # each client's local held-out split
+    # The dataset's own test split (a file): every model is also scored on it (global test)
+    test_path: str | None = None
+    # Fraction of each client's training rows kept out for validation (lr selection); 0 = none
+    validation_fraction: float = 0.0
     max_length: int = 128
     batch_size: int = 4
 
@@ -109,6 +113,8 @@ class AlgorithmConfig:
     mu2: float = 0.333
     discrepancy_ref: str = "pre"  # pre | half
     discrepancy_scale: str = "precond"  # lr | l2 | precond
+    # literal: eq (5); exact: divide by the tracked signal weight (docs/algorithm-notes.md)
+    bias_correction: str = "literal"
     wire_dtype: str = "float32"  # float32 | model (send blocks in the model's dtype)
     lora_rank: int = 8  # dec-lora / decaf
     lora_alpha: float = 16.0
@@ -123,6 +129,9 @@ class EvalConfig:
     every_rounds: int = 1
     average_model: bool = True  # also evaluate the parameter average of the clients
     zero_shot: bool = True  # evaluate the untrained model first
+    # Rows of a stratified pooled hold-out carved BEFORE partitioning (0 = none); every
+    # client's model and the average are scored on it. Caps data.test_path's split too.
+    global_test_size: int = 0
     max_new_tokens: int = 64  # generation tasks (alpaca): greedy answer length for ROUGE-L
     judge: str | None = None  # generation tasks: "module:function" scoring (prompts, answers)
 
@@ -199,6 +208,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.block_order": BLOCK_ORDERS,
     "algorithm.discrepancy_ref": DISCREPANCY_REFS,
     "algorithm.discrepancy_scale": DISCREPANCY_SCALES,
+    "algorithm.bias_correction": BIAS_CORRECTIONS,
     "algorithm.wire_dtype": ("float32", "model"),
     "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
@@ -281,6 +291,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.num_clients < 2:
         raise ConfigError(
             f"num_clients must be >= 2 for a decentralized run, got {cfg.num_clients}"
+        )
+    if cfg.eval.global_test_size < 0:
+        raise ConfigError(f"eval.global_test_size must be >= 0, got {cfg.eval.global_test_size}")
+    if not 0.0 <= cfg.data.validation_fraction < 1.0:
+        raise ConfigError(
+            f"data.validation_fraction must be in [0, 1), got {cfg.data.validation_fraction}"
         )
     for key in ("algorithm.mu1", "algorithm.mu2", "data.test_fraction"):
         value = OmegaConf.select(cfg, key)

@@ -505,6 +505,30 @@ def split_train_test(
     return ds.select(train_idx.tolist()), ds.select(test_idx.tolist())
 
 
+def stratified_holdout(
+    ds: datasets.Dataset, size: int, seed: int, label_column: str = LABEL
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, holdout): ``size`` rows with the pooled label proportions (largest remainder).
+
+    Carved before Dirichlet partitioning, it is a test split no client's skew shapes.
+    """
+    if not 0 < size < len(ds):
+        raise DataError(f"eval.global_test_size={size} must be between 1 and {len(ds) - 1} rows")
+    labels = np.asarray(ds[label_column])
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / len(ds)
+    take = np.floor(quota).astype(int)
+    for k in np.argsort(-(quota - take), kind="stable")[: size - take.sum()]:
+        take[k] += 1
+    rng = np.random.default_rng([seed, 7])
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), t, replace=False) for c, t in zip(classes, take)
+    ]
+    held = np.sort(np.concatenate(chosen))
+    rest = np.setdiff1d(np.arange(len(ds)), held)
+    return ds.select(rest.tolist()), ds.select(held.tolist())
+
+
 def client_splits(
     ds: datasets.Dataset,
     num_clients: int,
@@ -603,6 +627,17 @@ def _prompt_ids(
         )
     encoded = tokenizer([task.prompt(t) for t in texts], add_special_tokens=True)["input_ids"]
     return [ids if len(ids) <= budget else ids[: budget - tail] + ids[-tail:] for ids in encoded]
+
+
+def scoring_ids(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, task: TaskSpec, max_length: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (truncated as in training) and every label's answer ids (eos included).
+
+    Likelihood scoring asks how probable each answer, exactly as trained, is after the prompt.
+    """
+    prompts = _prompt_ids(tokenizer, task, texts, prompt_budget(tokenizer, task, max_length))
+    return prompts, _answer_ids(tokenizer, task)
 
 
 def encode_for_training(

@@ -22,9 +22,14 @@ from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
 from deca_flower.config import parse_fault_injection, to_yaml
-from deca_flower.data import plot_label_distribution
+from deca_flower.data import label_counts, plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
-from deca_flower.evaluation import eval_record, pooled_metrics, predict_labels
+from deca_flower.evaluation import (
+    eval_record,
+    global_test_record,
+    pooled_metrics,
+    score_labels,
+)
 from deca_flower.generation import (
     GENERATION_METRICS,
     generation_metrics,
@@ -33,6 +38,7 @@ from deca_flower.generation import (
 )
 from deca_flower.membership import full_membership, without
 from deca_flower.methods import get_method, steps_per_phase
+from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
     Progress,
@@ -206,9 +212,12 @@ class Engine:
             )
             global_step += 1
         block_numel = peers[0].opt.numel
+        lost = dict.fromkeys(STEP_DIAGNOSTICS)  # a lost site has no step to describe
+        stats = {peer.rank: peer.opt.step_stats() for peer in peers}
+        diagnostics = step_diagnostics([stats.get(i, lost) for i in range(len(self.peers))])
         for peer in peers:
             peer.end_block()
-        self._log_phase(t, k, block_numel, timing, comm_s)
+        self._log_phase(t, k, block_numel, {**timing, **diagnostics}, comm_s)
         alive = [loss for loss in losses if loss is not None]
         self.progress.phase_done(f"round {t + 1} block {k}", sum(alive) / len(alive))
         return global_step
@@ -298,31 +307,61 @@ class Engine:
     def _evaluate(self, round_idx: int) -> dict[str, Any]:
         if self.generation:
             return self._evaluate_generation(round_idx)
-        cfg = self.cfg
-        slices = [
-            self.run_data.eval_slice(i, cfg.eval.max_examples_per_client)
-            for i in range(cfg.num_clients)
-        ]
-        if round_idx == -1 or len(self.peers) == 1:  # one model for all clients' test sets
-            preds = [self._predict(self.peers[0].model, texts) for texts, _ in slices]
-        else:
-            preds = [self._predict(p.model, texts) for p, (texts, _) in zip(self.peers, slices)]
-        record = eval_record(
-            round_idx, [labels for _, labels in slices], preds, len(self.run_data.task.verbalizers)
-        )
+        limit = self.cfg.eval.max_examples_per_client
+        slices = [self.run_data.eval_slice(i, limit) for i in range(self.cfg.num_clients)]
+        one_model = round_idx == -1 or len(self.peers) == 1  # one model for all test sets
+        avg_model = None
+        if not one_model and self.cfg.eval.average_model:
+            avg_model = self._average_model()
+        record = self._classification_record(round_idx, slices, one_model, avg_model)
         if round_idx >= 0:
             record["consensus_distance"] = consensus_distance(self.peers)
-            if cfg.eval.average_model and len(self.peers) > 1:
-                avg_model = self._average_model()
-                avg_preds = [self._predict(avg_model, texts) for texts, _ in slices]
-                record["average"] = pooled_metrics(
-                    [labels for _, labels in slices], avg_preds, len(self.run_data.task.verbalizers)
-                )
-                record["average_predictions"] = avg_preds
-                del avg_model
+        if self.run_data.validation is not None:
+            val = [self.run_data.validation_slice(i, limit) for i in range(self.cfg.num_clients)]
+            part = self._classification_record(round_idx, val, one_model, avg_model)
+            record["validation"] = {k: part[k] for k in ("clients", "client_mean", "average")
+                                    if k in part}  # fmt: skip
+        if self.run_data.global_test is not None:
+            record["global_test"] = self._global_test(one_model, avg_model)
+        del avg_model
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
         return record
+
+    def _classification_record(self, round_idx, slices, one_model, avg_model) -> dict[str, Any]:
+        """Generated and likelihood labels of every client's model on its own slice, and of
+        the parameter average on all of them (metrics pooled)."""
+        num_labels = len(self.run_data.task.verbalizers)
+        models = [self.peers[0 if one_model else i].model for i in range(len(slices))]
+        scored = [self._score(m, texts) for m, (texts, _) in zip(models, slices)]
+        labels = [y for _, y in slices]
+        preds, ll = [s[0] for s in scored], [s[1] for s in scored]
+        record = eval_record(round_idx, labels, preds, num_labels, ll, self.train_counts)
+        if avg_model is not None:
+            avg = [self._score(avg_model, texts) for texts, _ in slices]
+            avg_preds, avg_ll = [a[0] for a in avg], [a[1] for a in avg]
+            record["average"] = pooled_metrics(labels, avg_preds, num_labels, avg_ll,
+                                               self.train_counts)  # fmt: skip
+            record["average_predictions"] = avg_preds
+            record["average_ll_predictions"] = avg_ll
+        return record
+
+    def _global_test(self, one_model: bool, avg_model) -> dict[str, Any]:
+        texts, labels = self.run_data.global_slice()
+        n = self.cfg.num_clients
+        if one_model:
+            scored = [self._score(self.peers[0].model, texts)] * n
+        else:
+            scored = [self._score(p.model, texts) for p in self.peers]
+        average = None if avg_model is None else self._score(avg_model, texts)
+        num_labels = len(self.run_data.task.verbalizers)
+        return global_test_record(labels, [s[0] for s in scored], [s[1] for s in scored],
+                                  average, num_labels, self.train_counts)  # fmt: skip
+
+    @property
+    def train_counts(self) -> list[list[int]]:
+        num_labels = len(self.run_data.task.verbalizers)
+        return label_counts([c.train for c in self.run_data.clients], "label", num_labels)
 
     def _evaluate_generation(self, round_idx: int) -> dict[str, Any]:
         """Perplexity and ROUGE-L per client on its local test split (instruction tuning)."""
@@ -367,15 +406,9 @@ class Engine:
             judge=self.judge,
         )
 
-    def _predict(self, model, texts: Sequence[str]) -> list[int]:
-        return predict_labels(
-            model,
-            self.tokenizer,
-            self.run_data.task,
-            texts,
-            batch_size=self.cfg.eval.batch_size,
-            max_length=self.cfg.data.max_length,
-        )
+    def _score(self, model, texts: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(generated labels, likelihood labels) of `model` on `texts`."""
+        return score_labels(model, self.tokenizer, self.run_data.task, texts, self.cfg)
 
     def _average_model(self):
         first = self.peers[0]
@@ -425,6 +458,11 @@ def consensus_distance(peers: Sequence[Peer]) -> float:
             stacked = torch.stack([params[j].detach().float() for params in per_peer])
             total += float(((stacked - stacked.mean(0)) ** 2).sum())
     return (total / len(peers)) ** 0.5
+
+
+def step_diagnostics(stats: Sequence[dict[str, float | None]]) -> dict[str, list]:
+    """Per client: mean step sizes over lr and update/gradient cosine of one phase."""
+    return {key: [s[key] for s in stats] for key in STEP_DIAGNOSTICS}
 
 
 def run_engine(cfg: DictConfig, out_dir: str | Path | None = None) -> EngineResult:

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deca_flower.data import TaskSpec, encode_prompts
+from deca_flower.likelihood import likelihood_labels
 
 INVALID = -1
 
@@ -65,16 +66,32 @@ def predict_labels(
     return predictions
 
 
+def score_labels(
+    model, tokenizer, task: TaskSpec, texts: Sequence[str], cfg
+) -> tuple[list[int], list[int]]:
+    """(generated labels, likelihood labels) with the run's eval batch size and max length."""
+    kwargs = {"batch_size": cfg.eval.batch_size, "max_length": cfg.data.max_length}
+    return (
+        predict_labels(model, tokenizer, task, texts, **kwargs),
+        likelihood_labels(model, tokenizer, task, texts, **kwargs),
+    )
+
+
 def classification_metrics(
     y_true: Sequence[int], y_pred: Sequence[int], num_labels: int
 ) -> dict[str, float]:
-    """Accuracy and support-weighted F1 over the true classes; invalid predictions are wrong."""
+    """Accuracy, support-weighted F1 and macro-F1 over the true classes present.
+
+    Invalid predictions are wrong. Macro-F1 weighs every class that occurs in ``y_true``
+    equally, so always answering the majority class scores low even on a skewed split.
+    """
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
     if not y_true:
-        return {"accuracy": float("nan"), "f1_weighted": float("nan"), "invalid_rate": 0.0}
+        nan = float("nan")
+        return {"accuracy": nan, "f1_weighted": nan, "f1_macro": nan, "invalid_rate": 0.0}
     correct = sum(t == p for t, p in zip(y_true, y_pred))
-    f1_sum = 0.0
+    f1_sum, f1_plain, present = 0.0, 0.0, 0
     for label in range(num_labels):
         support = sum(t == label for t in y_true)
         if support == 0:
@@ -85,37 +102,125 @@ def classification_metrics(
         recall = tp / support
         f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
         f1_sum += support * f1
+        f1_plain += f1
+        present += 1
     return {
         "accuracy": correct / len(y_true),
         "f1_weighted": f1_sum / len(y_true),
+        "f1_macro": f1_plain / present,
         "invalid_rate": sum(p == INVALID for p in y_pred) / len(y_pred),
     }
 
 
+def majority_labels(train_counts: Sequence[Sequence[int]]) -> list[int]:
+    """Each client's most frequent training label (lowest id on ties)."""
+    return [max(range(len(c)), key=lambda k: (c[k], -k)) for c in train_counts]
+
+
+def pooled_majority(train_counts: Sequence[Sequence[int]]) -> int:
+    """The most frequent label of all clients' training data together."""
+    totals = [sum(col) for col in zip(*train_counts)]
+    return majority_labels([totals])[0]
+
+
+def scored_metrics(
+    y_true: Sequence[int],
+    generated: Sequence[int],
+    likelihood: Sequence[int] | None,
+    num_labels: int,
+    majority: int | None = None,
+) -> dict[str, float]:
+    """Generated-label metrics, the same by likelihood (``ll_``), and the constant
+    majority-class predictor's (``majority_``) on the same examples."""
+    out = classification_metrics(y_true, generated, num_labels)
+    if likelihood is not None:
+        ll = classification_metrics(y_true, likelihood, num_labels)
+        out.update({f"ll_{k}": v for k, v in ll.items() if k != "invalid_rate"})
+    if majority is not None:
+        base = classification_metrics(y_true, [majority] * len(y_true), num_labels)
+        out.update({f"majority_{k}": v for k, v in base.items() if k != "invalid_rate"})
+    return out
+
+
+def mean_metrics(per_client: Sequence[dict[str, float]]) -> dict[str, float]:
+    keys = [k for k in per_client[0] if k != "invalid_rate"]
+    return {k: sum(m[k] for m in per_client) / len(per_client) for k in keys}
+
+
 def eval_record(
-    round_idx: int, labels: list[list[int]], preds: list[list[int]], num_labels: int
+    round_idx: int,
+    labels: list[list[int]],
+    preds: list[list[int]],
+    num_labels: int,
+    ll_preds: list[list[int]] | None = None,
+    train_counts: list[list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Per-client metrics on local test sets, their mean, and pooled metrics."""
-    per_client = [classification_metrics(y, p, num_labels) for y, p in zip(labels, preds)]
-    mean = {
-        key: sum(m[key] for m in per_client) / len(per_client)
-        for key in ("accuracy", "f1_weighted")
-    }
-    return {
+    """Per-client metrics on local test sets, their mean, and pooled metrics.
+
+    With ``ll_preds`` also the likelihood-scored metrics; with ``train_counts`` (each
+    client's training label counts) the majority-class predictor's scores beside them.
+    """
+    majority = majority_labels(train_counts) if train_counts else [None] * len(labels)
+    lls = ll_preds if ll_preds is not None else [None] * len(labels)
+    per_client = [
+        scored_metrics(y, p, q, num_labels, m) for y, p, q, m in zip(labels, preds, lls, majority)
+    ]
+    record = {
         "type": "eval",
         "round": round_idx,
         "clients": per_client,
-        "client_mean": mean,
-        "global": pooled_metrics(labels, preds, num_labels),
+        "client_mean": mean_metrics(per_client),
+        "global": pooled_metrics(labels, preds, num_labels, ll_preds, train_counts),
         "predictions": preds,
         "labels": labels,
     }
+    if ll_preds is not None:
+        record["ll_predictions"] = ll_preds
+    return record
 
 
-def pooled_metrics(labels: list[list[int]], preds: list[list[int]], num_labels: int) -> dict:
+def pooled_metrics(
+    labels: list[list[int]],
+    preds: list[list[int]],
+    num_labels: int,
+    ll_preds: list[list[int]] | None = None,
+    train_counts: list[list[int]] | None = None,
+) -> dict:
+    """Metrics over all clients' examples together; majority = of the pooled training data."""
     flat_y = [y for ys in labels for y in ys]
     flat_p = [p for ps in preds for p in ps]
-    return classification_metrics(flat_y, flat_p, num_labels)
+    flat_q = None if ll_preds is None else [q for qs in ll_preds for q in qs]
+    majority = pooled_majority(train_counts) if train_counts else None
+    return scored_metrics(flat_y, flat_p, flat_q, num_labels, majority)
+
+
+def global_test_record(
+    labels: list[int],
+    client_preds: list[list[int]],
+    client_ll: list[list[int]],
+    average: tuple[list[int], list[int]] | None,
+    num_labels: int,
+    train_counts: list[list[int]],
+) -> dict[str, Any]:
+    """Every client's model, and the parameter average, on one unskewed test split.
+
+    A client's majority baseline is its own training majority applied to this split.
+    """
+    majority = majority_labels(train_counts)
+    clients = [
+        scored_metrics(labels, p, q, num_labels, m)
+        for p, q, m in zip(client_preds, client_ll, majority)
+    ]
+    out: dict[str, Any] = {
+        "num_examples": len(labels),
+        "clients": clients,
+        "client_mean": mean_metrics(clients),
+    }
+    if average is not None:
+        out["average"] = scored_metrics(
+            labels, average[0], average[1], num_labels, pooled_majority(train_counts)
+        )
+    return out
 
 
 def confusion_matrix(

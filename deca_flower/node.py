@@ -24,10 +24,11 @@ from omegaconf import DictConfig
 
 from deca_flower.config import to_yaml
 from deca_flower.decaf import decaf_mix, lora_layout
-from deca_flower.evaluation import predict_labels
+from deca_flower.evaluation import score_labels
 from deca_flower.generation import generation_metrics, is_generation_task, load_judge
 from deca_flower.gossip import GossipGroup
 from deca_flower.methods import get_method, steps_per_phase
+from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.peer import Peer
 from deca_flower.reporting import peak_memory_bytes
 from deca_flower.state_store import NodeStateStore
@@ -135,6 +136,7 @@ class Node:
             "commit_s": 0.0,
         }
         self.store.discard_staged()
+        block_stats: list[dict[str, Any]] = []
         with self._group(plan) as group:
             for k in plan.blocks:
                 peer.begin_block(k)
@@ -142,6 +144,7 @@ class Node:
                     for _ in range(plan.steps):
                         self._inner_step(group, k, stats)
                     stats["block_numel"] = peer.opt.numel
+                    block_stats.append(peer.opt.step_stats())
                 finally:
                     peer.end_block()
             stats["bytes_sent"] = group.stats.bytes_sent
@@ -160,6 +163,7 @@ class Node:
         self.store.commit_staged()
         stats["commit_s"] = time.perf_counter() - t0
         self.last_phase = plan.phase
+        stats.update(_phase_diagnostics(block_stats))
         stats["peak_memory_bytes"] = peak_memory_bytes(self.device)
         stats["train_state_bytes"] = peer.train_state_bytes
         return stats
@@ -209,23 +213,58 @@ class Node:
 
     def evaluate(self, plan: PhasePlan, zero_shot: bool = False) -> dict[str, Any]:
         """Score the local test slice with this node's model (and the network average)."""
-        limit = self.cfg.eval.max_examples_per_client
         if is_generation_task(self.cfg.data.name):
-            test = self.run_data.clients[self.rank].test
-            test = test.select(range(min(limit, len(test))))
-            score = functools.partial(self._generation_metrics, test)
-            key = "metrics"
-        else:
-            texts, labels = self.run_data.eval_slice(self.rank, limit)
-            score = functools.partial(self._predict, texts)
-            key = "predictions"
-        out: dict[str, Any] = {key: score()}
-        if key == "predictions":
-            out["labels"] = labels
+            return self._evaluate_generation(plan, zero_shot)
+        limit = self.cfg.eval.max_examples_per_client
+        sets = {"": self.run_data.eval_slice(self.rank, limit)}
+        if self.run_data.validation is not None:
+            sets["validation_"] = self.run_data.validation_slice(self.rank, limit)
+        glob = self.run_data.global_test is not None
+        texts, labels = self.run_data.global_slice() if glob else ([], [])
+        # Rows rank::n of the global test are scored with the shared model (the average,
+        # or the common base model at zero-shot); the coordinator puts them back in order.
+        shard = texts[plan.rank :: plan.world_size]
+        out: dict[str, Any] = {}
+        for prefix, (x, y) in sets.items():
+            self._put(out, prefix, x)
+            out[f"{prefix}labels"] = y
+        if glob:
+            out["global_labels"] = labels
+            if not zero_shot:
+                self._put(out, "global_", texts)
+        if zero_shot or not self.cfg.eval.average_model:
+            if glob and zero_shot:
+                self._put(out, "global_shard_", shard)
+            return out
+
+        def score_average() -> dict[str, Any]:
+            scored: dict[str, Any] = {}
+            for prefix, (x, _) in sets.items():
+                self._put(scored, f"average_{prefix}", x)
+            if glob:
+                self._put(scored, "global_shard_", shard)
+            return scored
+
+        with self._group(plan) as group:
+            averaged, out["squared_distance"] = self._with_average_model(
+                plan, score_average, group
+            )
+        out.update(averaged)
+        return out
+
+    def _put(self, out: dict[str, Any], prefix: str, texts: list[str]) -> None:
+        out[f"{prefix}predictions"], out[f"{prefix}ll_predictions"] = self._score(texts)
+
+    def _evaluate_generation(self, plan: PhasePlan, zero_shot: bool) -> dict[str, Any]:
+        limit = self.cfg.eval.max_examples_per_client
+        test = self.run_data.clients[self.rank].test
+        test = test.select(range(min(limit, len(test))))
+        score = functools.partial(self._generation_metrics, test)
+        out: dict[str, Any] = {"metrics": score()}
         if zero_shot or not self.cfg.eval.average_model:
             return out
         with self._group(plan) as group:
-            out[f"average_{key}"], out["squared_distance"] = self._with_average_model(
+            out["average_metrics"], out["squared_distance"] = self._with_average_model(
                 plan, score, group
             )
         return out
@@ -264,15 +303,9 @@ class Node:
             judge=self.judge,
         )
 
-    def _predict(self, texts: list[str]) -> list[int]:
-        return predict_labels(
-            self.peer.model,
-            self.tokenizer,
-            self.run_data.task,
-            texts,
-            batch_size=self.cfg.eval.batch_size,
-            max_length=self.cfg.data.max_length,
-        )
+    def _score(self, texts: list[str]) -> tuple[list[int], list[int]]:
+        """(generated labels, likelihood labels) of this node's current model."""
+        return score_labels(self.peer.model, self.tokenizer, self.run_data.task, texts, self.cfg)
 
     def export_model(self) -> Path:
         """This node's fine-tuned model + tokenizer in Hugging Face format, beside its state."""
@@ -313,6 +346,19 @@ class Node:
         return [
             sum(1 for y in labels if y == c) for c in range(len(self.run_data.task.verbalizers))
         ]
+
+
+def _phase_diagnostics(per_block: list[dict[str, Any]]) -> dict[str, float]:
+    """Step-weighted means over the phase's blocks (one block per phase: that block's).
+
+    A diagnostic that is undefined (None) is left out of the reply.
+    """
+    out = {}
+    for key in STEP_DIAGNOSTICS:
+        pairs = [(b["steps"], b[key]) for b in per_block if b[key] is not None]
+        if pairs:
+            out[key] = sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
+    return out
 
 
 def _trainable(peer: Peer) -> list[torch.nn.Parameter]:

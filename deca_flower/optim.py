@@ -23,6 +23,9 @@ from torch import nn
 
 DISCREPANCY_REFS = ("pre", "half")
 DISCREPANCY_SCALES = ("lr", "l2", "precond")
+BIAS_CORRECTIONS = ("literal", "exact")
+# What step_stats() reports per block, and the phase records carry per client.
+STEP_DIAGNOSTICS = ("local_step", "effective_step", "update_grad_cosine")
 # Chosen by measurement on SmolLM2-135M / rotten-tomatoes: see docs/algorithm-notes.md.
 DEFAULT_DISCREPANCY_SCALE = "precond"
 
@@ -43,6 +46,11 @@ class BMAAdam:
             ``None`` skips (9)-(10) entirely ("w/o BMA"); ``(0, 0)`` is "trivial BMA".
         discrepancy_ref: "pre" uses x_pre - x_mixed (QGM), "half" uses x_half - x_mixed.
         discrepancy_scale: how d is normalised, see ``_discrepancy``.
+        bias_correction: "literal" divides by 1 - beta^(r+1) (eq 5); "exact" divides m~, v~
+            by the tracked weight of the gradient signal in each buffer (see
+            ``_bias_corrections``); the two agree without BMA.
+        track_stats: also accumulate per-step diagnostics (``step_stats``); costs one
+            transient block-sized buffer per step.
     """
 
     def __init__(
@@ -54,8 +62,17 @@ class BMAAdam:
         bma: tuple[float, float] | None = (0.3, 0.333),
         discrepancy_ref: str = "pre",
         discrepancy_scale: str = DEFAULT_DISCREPANCY_SCALE,
+        bias_correction: str = "literal",
+        track_stats: bool = False,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, bma, discrepancy_ref, discrepancy_scale)
+        if bias_correction not in BIAS_CORRECTIONS:
+            raise BMAAdamError(
+                f"algorithm.bias_correction must be one of {BIAS_CORRECTIONS}, "
+                f"got {bias_correction!r}"
+            )
+        self.bias_correction = bias_correction
+        self.track_stats = bool(track_stats)
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
@@ -122,6 +139,8 @@ class BMAAdam:
         self._exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         self._exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias1, bias2 = self._bias_corrections()
+        if self.track_stats:
+            self._record_local_stats(grad, bias1, bias2)
         # The gradient buffer is no longer needed: reuse it for sqrt(v_hat) + eps.
         denom = grad.copy_(self._exp_avg_sq).div_(bias2).sqrt_().add_(self.eps)
         self._denom = denom
@@ -153,8 +172,14 @@ class BMAAdam:
                 "the mixed block contains NaN or Inf values; it was rejected and opt.block "
                 "was restored to x_half (check the neighbours' blocks and algorithm.lr)"
             )
+        if self.track_stats and self.discrepancy_ref == "pre":
+            # reference = x_pre: the whole update of this step, gossip included.
+            moved = float(torch.dist(self._reference, mixed)) / math.sqrt(self.numel)
+            self._stats["effective_step"] += moved / self.lr
+            self._stats["effective_steps"] += 1
         if self.bma is not None:
             self._apply_bma(mixed)
+        self._update_signal_weights()
         self._write_params(mixed)
         self._step += 1
         self._awaiting_consensus = False
@@ -170,6 +195,31 @@ class BMAAdam:
         self._denom = None
         self._step = 0
         self._awaiting_consensus = False
+        self._signal = (0.0, 0.0)  # S1, S2 of the exact bias correction
+        self._stats = dict.fromkeys(
+            ("steps", "local_step", "cosine", "effective_step", "effective_steps"), 0.0
+        )
+
+    def step_stats(self) -> dict[str, float | None]:
+        """Means over this block's steps so far (``track_stats=True``), all divided by lr.
+
+        - local_step: RMS of Adam's own step x_half - x_pre, over lr;
+        - effective_step: RMS of the whole step x_mixed - x_pre (gossip included), over lr
+          (None with discrepancy_ref="half", which does not keep x_pre);
+        - update_grad_cosine: cosine between the descent direction x_pre - x_half and the
+          fresh gradient (1 = plain gradient descent direction).
+        """
+        s = self._stats
+        if not s["steps"]:
+            return {"steps": 0, "local_step": None, "effective_step": None,
+                    "update_grad_cosine": None}  # fmt: skip
+        effective = s["effective_step"] / s["effective_steps"] if s["effective_steps"] else None
+        return {
+            "steps": int(s["steps"]),
+            "local_step": s["local_step"] / s["steps"],
+            "effective_step": effective,
+            "update_grad_cosine": s["cosine"] / s["steps"],
+        }
 
     def switch_block(self, params: Iterable[nn.Parameter]) -> None:
         """Start optimising a new block: all state of the previous block is freed."""
@@ -193,8 +243,36 @@ class BMAAdam:
         self.reset()
 
     def _bias_corrections(self) -> tuple[float, float]:
+        """The divisors of m~ and v~ for this step (eq 5, or the exact signal weights).
+
+        "exact": S~ = beta * S + (1 - beta) is the total weight the buffer gives to
+        gradient-scale terms (fresh gradients and, after eqs (9)-(10), discrepancies),
+        starting from S = 0 at the block start. Without BMA S = S~ and S~ = 1 - beta^(r+1).
+        """
+        if self.bias_correction == "exact":
+            (beta1, beta2), (s1, s2) = self.betas, self._signal
+            return beta1 * s1 + (1 - beta1), beta2 * s2 + (1 - beta2)
         r = self._step + 1
         return 1 - self.betas[0] ** r, 1 - self.betas[1] ** r
+
+    def _update_signal_weights(self) -> None:
+        """After eqs (9)-(10): S = mu * S~ + (1 - mu); without BMA S = S~."""
+        tilde = self._bias_corrections()
+        if self.bma is None:
+            self._signal = tilde
+        else:
+            self._signal = tuple(mu * t + (1 - mu) for mu, t in zip(self.bma, tilde))
+
+    def _record_local_stats(self, grad: torch.Tensor, bias1: float, bias2: float) -> None:
+        """RMS(x_half - x_pre) / lr and cos(x_pre - x_half, g), before grad is reused."""
+        direction = self._exp_avg_sq.div(bias2).sqrt_().add_(self.eps)
+        direction.reciprocal_().mul_(self._exp_avg)  # m~ / (sqrt(v_hat) + eps)
+        norm_u = float(torch.linalg.vector_norm(direction))
+        norm_g = float(torch.linalg.vector_norm(grad))
+        dot = float(torch.dot(direction, grad))
+        self._stats["steps"] += 1
+        self._stats["local_step"] += norm_u / bias1 / math.sqrt(self.numel)
+        self._stats["cosine"] += dot / (norm_u * norm_g) if norm_u * norm_g > 0 else 0.0
 
     def _gather_grad(self) -> torch.Tensor:
         missing = [i for i, p in enumerate(self._params) if p.grad is None]

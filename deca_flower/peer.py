@@ -74,6 +74,8 @@ class Peer:
             bma=bma_weights(self.cfg),
             discrepancy_ref=algo.discrepancy_ref,
             discrepancy_scale=algo.discrepancy_scale,
+            bias_correction=algo.bias_correction,
+            track_stats=True,  # per-phase effective step and update/gradient cosine
         )
         self.active_block = k
         self.model.train()

@@ -100,8 +100,6 @@ class Progress:
 def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
     """Before/after accuracy table plus the run's key facts."""
     evals = [r for r in records if r["type"] == "eval"]
-    zero = next((r for r in evals if r.get("round") == -1), None)
-    trained = [r for r in evals if r.get("round", -1) >= 0]
     lines = ["# DECA run summary", ""]
     topo = next((r for r in records if r["type"] == "topology"), None)
     if topo:
@@ -133,17 +131,18 @@ def summary_markdown(records: list[dict[str, Any]], config_yaml: str) -> str:
         lines += _timeline(records)
         lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
         return "\n".join(lines)
-    lines += ["", "| model | eval set | accuracy | weighted F1 |", "|---|---|---|---|"]
-    if zero:
-        lines.append(_row("zero-shot (before training)", "all clients' test", zero["global"]))
-        lines.append(
-            _row("zero-shot (before training)", "mean of local tests", zero["client_mean"])
-        )
-    for r in trained:
-        tag = f"after round {r['round'] + 1}"
-        if r.get("average") is not None:
-            lines.append(_row(f"parameter average, {tag}", "all clients' test", r["average"]))
-        lines.append(_row(f"clients, {tag}", "mean of local tests", r["client_mean"]))
+    lines += [
+        "",
+        "Accuracy and F1 of the generated label; *likelihood*: the label whose answer the model "
+        "finds most probable; *majority*: always answering the client's most frequent "
+        "training label (the pooled one for all clients' and the global test).",
+        "",
+        "| model | eval set | accuracy | likelihood acc. | majority acc. | weighted F1 | "
+        "macro-F1 | likelihood macro-F1 | majority macro-F1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in evals:
+        lines += _classification_rows(r)
     lines += _timeline(records)
     lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
@@ -165,6 +164,30 @@ def _timeline(records: list[dict[str, Any]]) -> list[str]:
         elif r["type"] == "rejoined":
             lines.append(f"- {phase}: rank(s) {r['ranks']} are back")
     return ["", "## Timeline", "", *lines] if lines else []
+
+
+def _classification_rows(r: dict[str, Any]) -> list[str]:
+    if r["round"] == -1:
+        tag = "zero-shot (before training)"
+        rows = [
+            _row(tag, "all clients' test", r["global"]),
+            _row(tag, "mean of local tests", r["client_mean"]),
+        ]
+        if r.get("global_test"):
+            rows.append(_row(tag, "global test", r["global_test"]["client_mean"]))
+        return rows
+    tag = f"after round {r['round'] + 1}"
+    rows = []
+    if r.get("average") is not None:
+        rows.append(_row(f"parameter average, {tag}", "all clients' test", r["average"]))
+    rows.append(_row(f"clients, {tag}", "mean of local tests", r["client_mean"]))
+    glob = r.get("global_test")
+    if glob:
+        if glob.get("average"):
+            rows.append(_row(f"parameter average, {tag}", "global test", glob["average"]))
+        rows.append(_row(f"clients, {tag}", "global test (mean over clients)",
+                         glob["client_mean"]))  # fmt: skip
+    return rows
 
 
 def plot_run(
@@ -194,6 +217,9 @@ def plot_run(
         fig, ax = plt.subplots(figsize=(6, 4))
         rounds = [r["round"] + 1 for r in evals]
         ax.plot(rounds, [r["client_mean"]["accuracy"] for r in evals], "o-", label="mean client")
+        if all("ll_accuracy" in r["client_mean"] for r in evals):
+            ll = [r["client_mean"]["ll_accuracy"] for r in evals]
+            ax.plot(rounds, ll, "o:", label="mean client, by likelihood")
         avg = [(r["round"] + 1, r["average"]["accuracy"]) for r in evals if r.get("average")]
         if avg:
             ax.plot(*zip(*avg), "s--", label="parameter average")
@@ -313,13 +339,29 @@ def format_eval(record: dict[str, Any]) -> str:
             text += f"; parameter average perplexity {avg['perplexity']:.3f}, ROUGE-L "
             text += f"{avg['rouge_l']:.3f}"
     else:
-        text = f"eval {tag}: mean client accuracy {mean['accuracy']:.3f}, "
+        text = f"eval {tag}: mean client accuracy {_accuracies(mean)}, "
         text += f"F1 {mean['f1_weighted']:.3f}"
+        if "f1_macro" in mean:
+            text += f", macro-F1 {mean['f1_macro']:.3f}"
     if record.get("average") and "accuracy" in record["average"]:
-        text += f"; parameter average accuracy {record['average']['accuracy']:.3f}"
+        text += f"; parameter average accuracy {_accuracies(record['average'])}"
+    glob = record.get("global_test")
+    if glob:
+        text += f"; global test ({glob['num_examples']}): "
+        text += f"clients {_accuracies(glob['client_mean'])}"
+        if glob.get("average"):
+            text += f", parameter average {_accuracies(glob['average'])}"
     if "consensus_distance" in record:
         text += f"; consensus distance {record['consensus_distance']:.3e}"
     return text
+
+
+def _accuracies(m: dict[str, float]) -> str:
+    """Generated-label accuracy, then by likelihood and the majority predictor's, if known."""
+    text = f"{m['accuracy']:.3f}"
+    names = (("ll_accuracy", "likelihood"), ("majority_accuracy", "majority"))
+    extra = [f"{name} {m[key]:.3f}" for key, name in names if key in m]
+    return text + (f" ({', '.join(extra)})" if extra else "")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -338,8 +380,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+_ROW_KEYS = ("accuracy", "ll_accuracy", "majority_accuracy", "f1_weighted", "f1_macro",
+             "ll_f1_macro", "majority_f1_macro")  # fmt: skip
+
+
 def _row(model: str, eval_set: str, metrics: dict[str, float]) -> str:
-    return f"| {model} | {eval_set} | {metrics['accuracy']:.4f} | {metrics['f1_weighted']:.4f} |"
+    cells = [f"{metrics[k]:.4f}" if metrics.get(k) is not None else "-" for k in _ROW_KEYS]
+    return f"| {model} | {eval_set} | " + " | ".join(cells) + " |"
 
 
 def _mean(values: list[float | None]) -> float:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
 from deca_flower.data import task_from_config
-from deca_flower.evaluation import eval_record, pooled_metrics
+from deca_flower.evaluation import eval_record, global_test_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.generation import (
     GENERATION_METRICS,
@@ -31,6 +31,7 @@ from deca_flower.generation import (
 from deca_flower.gossip import host_store
 from deca_flower.membership import Membership, MembershipError, full_membership, without
 from deca_flower.methods import METHODS
+from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.reporting import (
     Progress,
     RunDir,
@@ -433,6 +434,11 @@ class Coordinator:
         record["members"] = self.members
         record["epoch"] = self.membership.epoch
         record["time_split"] = phase_time_split(self.phase_wall_s, record)
+        # Step diagnostics (None where a node could not define one, as in the engine).
+        record.update(
+            {k: [replies[r].get(k) if r in replies else None for r in range(self.n)]
+             for k in STEP_DIAGNOSTICS}
+        )
         return record
 
     def _evaluate(self, t: int) -> None:
@@ -444,18 +450,60 @@ class Coordinator:
             self.run_dir.log(record)
             self.progress.note(format_eval(record))
             return
-        labels = [list(replies[r]["labels"]) for r in self.members]
-        preds = [list(replies[r]["predictions"]) for r in self.members]
-        num_labels = self.num_labels
-        record = eval_record(t, labels, preds, num_labels)
+        record = self._classification_record(t, replies, "")
         if t >= 0 and self.cfg.eval.average_model:
-            avg = [list(replies[r]["average_predictions"]) for r in self.members]
-            record["average"] = pooled_metrics(labels, avg, num_labels)
-            record["average_predictions"] = avg
             distance = sum(replies[r]["squared_distance"] for r in self.members) / len(self.members)
             record["consensus_distance"] = distance**0.5
+        first = replies[self.members[0]]
+        if "validation_labels" in first:
+            part = self._classification_record(t, replies, "validation_")
+            record["validation"] = {k: part[k] for k in ("clients", "client_mean", "average")
+                                    if k in part}  # fmt: skip
+        if "global_labels" in first:
+            record["global_test"] = self._global_test(t, replies)
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
+
+    def _classification_record(self, t: int, replies: dict[int, dict], prefix: str) -> dict:
+        """The engine's record from the nodes' predictions (generated and by likelihood)."""
+
+        def column(key: str) -> list[list[int]]:
+            return [list(replies[r][key]) for r in self.members]
+
+        labels = column(f"{prefix}labels")
+        preds, ll = column(f"{prefix}predictions"), column(f"{prefix}ll_predictions")
+        record = eval_record(t, labels, preds, self.num_labels, ll, self.member_label_counts)
+        if t >= 0 and self.cfg.eval.average_model:
+            avg = column(f"average_{prefix}predictions")
+            avg_ll = column(f"average_{prefix}ll_predictions")
+            record["average"] = pooled_metrics(labels, avg, self.num_labels, avg_ll,
+                                               self.member_label_counts)  # fmt: skip
+            record["average_predictions"] = avg
+            record["average_ll_predictions"] = avg_ll
+        return record
+
+    def _global_test(self, t: int, replies: dict[int, dict]) -> dict[str, Any]:
+        """Each node scored rows rank::n with the shared model (the average, or the base
+        model at zero-shot): put them back in order, as the engine scores them."""
+        members = self.members
+        m = len(members)
+        labels = list(replies[members[0]]["global_labels"])
+        shared: tuple[list, list] | None = None
+        if "global_shard_predictions" in replies[members[0]]:
+            # Shards follow the group ranks (members in rank order), as the nodes cut them.
+            shared = ([0] * len(labels), [0] * len(labels))
+            for g, r in enumerate(members):
+                shared[0][g::m] = list(replies[r]["global_shard_predictions"])
+                shared[1][g::m] = list(replies[r]["global_shard_ll_predictions"])
+        if t == -1:
+            preds, ll, average = [shared[0]] * m, [shared[1]] * m, None
+        else:
+            preds = [list(replies[r]["global_predictions"]) for r in members]
+            ll = [list(replies[r]["global_ll_predictions"]) for r in members]
+            average = shared
+        return global_test_record(
+            labels, preds, ll, average, self.num_labels, self.member_label_counts
+        )
 
     def _generation_record(self, t: int, replies: dict[int, dict]) -> dict[str, Any]:
         """The engine's instruction-tuning eval record, from the nodes' own scores."""
@@ -509,6 +557,10 @@ class Coordinator:
             }
         replies = self._send(per_node, message_type)
         return {self.rank_of[nid]: reply for nid, reply in replies.items()}
+
+    @property
+    def member_label_counts(self) -> list[list[int]]:
+        return [self.label_counts[r] for r in self.members]
 
     @property
     def rank_of(self) -> dict[int, int]:
@@ -627,6 +679,7 @@ class Coordinator:
         self.run_dir.log({"type": "topology", **topo, "mixing_matrix": self.weights.tolist()})
         counts = [info[r]["label_counts"] for r in range(self.n)]
         self.num_labels = len(counts[0])
+        self.label_counts = counts  # majority-class baselines, as the engine computes them
         self.run_dir.log(
             {
                 "type": "data",

@@ -29,6 +29,7 @@ from deca_flower.data import (
     encode_dataset,
     load_task,
     split_train_test,
+    stratified_holdout,
     task_from_config,
 )
 from deca_flower.generation import (
@@ -55,12 +56,25 @@ class RunData:
     task: TaskSpec | InstructionTask
     clients: list[ClientData] | dict[int, ClientData]  # by rank; a site holds only its own
     split: dict | None = None  # how the clients were made (logged with the data record)
+    # One unskewed test split for every model (eval.global_test_size / data.test_path).
+    global_test: datasets.Dataset | None = None
+    # Per rank, a validation split carved from the client's training data (lr selection).
+    validation: list[datasets.Dataset] | dict[int, datasets.Dataset] | None = None
 
     def eval_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
         """The first `max_examples` rows of a client's local test split."""
-        test = self.clients[rank].test
-        rows = test.select(range(min(max_examples, len(test))))
-        return list(rows["text"]), [int(x) for x in rows["label"]]
+        return _rows(self.clients[rank].test, max_examples)
+
+    def validation_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
+        return _rows(self.validation[rank], max_examples)
+
+    def global_slice(self) -> tuple[list[str], list[int]]:
+        return _rows(self.global_test, len(self.global_test))
+
+
+def _rows(ds: datasets.Dataset, max_examples: int) -> tuple[list[str], list[int]]:
+    rows = ds.select(range(min(max_examples, len(ds))))
+    return list(rows["text"]), [int(x) for x in rows["label"]]
 
 
 def resolve_device(setting: str, rank: int = 0) -> torch.device:
@@ -110,17 +124,51 @@ def prepare_data(cfg: DictConfig) -> RunData:
         check_every_label_seen(pooled, task)  # on the whole file: a site may lack a label
     if data.max_examples is not None and len(pooled) > data.max_examples:
         pooled = pooled.shuffle(seed=cfg.seed).select(range(data.max_examples))
-    settings = SplitSettings.from_config(data, labelled=isinstance(task, TaskSpec))
+    labelled = isinstance(task, TaskSpec)
+    global_test = _load_test_split(cfg) if labelled else None
+    if labelled and global_test is None and cfg.eval.global_test_size > 0:
+        pooled, global_test = stratified_holdout(pooled, cfg.eval.global_test_size, cfg.seed)
+    settings = SplitSettings.from_config(data, labelled=labelled)
     shards = partition_dataset(pooled, cfg.num_clients, settings, cfg.seed)
     # Seed each client's split by (seed, client) so shards do not share a permutation.
-    clients = [
-        ClientData(*split_train_test(shard, data.test_fraction, seed=[cfg.seed, i]))
+    clients = {
+        i: ClientData(*split_train_test(shard, data.test_fraction, seed=[cfg.seed, i]))
         for i, shard in enumerate(shards)
-    ]
+    }
     split = {"partitioner": settings.name}
     if settings.name == "natural":
         split["sites"] = site_names(pooled)
-    return RunData(task, clients, split)
+    if not labelled:
+        return RunData(task, list(clients.values()), split)
+    clients, validation = _carve_validation(cfg, clients)
+    validation = None if validation is None else list(validation.values())
+    return RunData(task, list(clients.values()), split, global_test, validation)
+
+
+def _load_test_split(cfg: DictConfig) -> datasets.Dataset | None:
+    """The dataset's own test split (data.test_path), capped at eval.global_test_size."""
+    data = cfg.data
+    if not data.test_path:
+        return None
+    _, test = load_run_dataset(cfg, data.test_path)
+    size = cfg.eval.global_test_size
+    if 0 < size < len(test):
+        _, test = stratified_holdout(test, size, cfg.seed)
+    return test
+
+
+def _carve_validation(
+    cfg: DictConfig, clients: dict[int, ClientData]
+) -> tuple[dict[int, ClientData], dict[int, datasets.Dataset] | None]:
+    """Split data.validation_fraction of every client's training rows off for validation."""
+    fraction = cfg.data.validation_fraction
+    if not fraction:
+        return clients, None
+    kept, validation = {}, {}
+    for rank, c in clients.items():
+        train, val = split_train_test(c.train, fraction, seed=[cfg.seed, rank, 1])
+        kept[rank], validation[rank] = ClientData(train, c.test), val
+    return kept, validation
 
 
 def load_run_dataset(
@@ -138,7 +186,11 @@ def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
     """A deployed site's own data file: all of it is this node's shard (no simulated split)."""
     task, local = load_run_dataset(cfg, path)
     train, test = split_train_test(local, cfg.data.test_fraction, seed=[cfg.seed, rank])
-    return RunData(task, {rank: ClientData(train, test)}, {"partitioner": "site file"})
+    split = {"partitioner": "site file"}
+    if not isinstance(task, TaskSpec):
+        return RunData(task, {rank: ClientData(train, test)}, split)
+    clients, validation = _carve_validation(cfg, {rank: ClientData(train, test)})
+    return RunData(task, clients, split, _load_test_split(cfg), validation)
 
 
 def make_stream(

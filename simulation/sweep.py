@@ -181,6 +181,10 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "client_f1": final["client_mean"]["f1_weighted"],
         "average_accuracy": average["accuracy"],
         "average_f1": average["f1_weighted"],
+        **_scores("client", final["client_mean"]),
+        **_scores("average", average),
+        **_eval_parts(evals, records),
+        **_diagnostics(phases),
         "consensus_distance": final.get("consensus_distance", 0.0),
         "bytes_sent_per_client": sum(sum(p["bytes_sent"]) for p in phases) / n,
         "train_state_bytes": max(max(p.get("train_state_bytes", [0])) for p in phases),
@@ -189,6 +193,45 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "steps": sum(1 for r in records if r["type"] == "step"),
         "final_loss": _tail_loss(records),
     }
+
+
+SCORES = ("ll_accuracy", "f1_macro", "ll_f1_macro", "majority_accuracy", "majority_f1_macro")
+
+
+def _scores(prefix: str, metrics: dict | None) -> dict[str, float]:
+    """Likelihood, macro-F1 and majority-baseline scores (runs before issue 13 lack them);
+    for client/average the plain accuracy and F1 already have their historical names."""
+    keys = SCORES if prefix in ("client", "average") else ("accuracy", "f1_weighted", *SCORES)
+    return {f"{prefix}_{k}": metrics[k] for k in keys if metrics and k in metrics}
+
+
+def _eval_parts(evals: list[dict], records: list[dict]) -> dict[str, float]:
+    """Validation (lr selection), global test and zero-shot scores of the run, if it has them."""
+    final, out = evals[-1], {}
+    val = final.get("validation")
+    if val:
+        out.update(_scores("val_client", val["client_mean"]))
+        out.update(_scores("val_average", val.get("average")))
+    glob = final.get("global_test")
+    if glob:
+        out.update(_scores("global_client", glob["client_mean"]))
+        out.update(_scores("global_average", glob.get("average")))
+    zero = next((r for r in records if r["type"] == "eval" and r["round"] == -1), None)
+    if zero:
+        out.update(_scores("zero_client", zero["client_mean"]))
+        if zero.get("global_test"):
+            out.update(_scores("zero_global", zero["global_test"]["client_mean"]))
+    return out
+
+
+def _diagnostics(phases: list[dict]) -> dict[str, float]:
+    """Mean over phases and clients of the per-phase step diagnostics (None = undefined)."""
+    out = {}
+    for key in ("local_step", "effective_step", "update_grad_cosine"):
+        values = [v for p in phases for v in p.get(key, []) if v is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def _tail_loss(records: list[dict], window: int = 4) -> float:

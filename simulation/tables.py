@@ -51,7 +51,10 @@ def group_seeds(cells: list[dict], axis: str | None) -> dict[tuple, list[dict]]:
     return groups
 
 
-def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+def fmt(values: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
+    """mean ± std (the value for one seed); "-" where a cell lacks the number."""
+    if not values or any(v is None for v in values):
+        return "-"
     values = [v * scale for v in values]
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -69,18 +72,16 @@ def accuracy_table(groups: dict[tuple, list[dict]], dataset: str, first: str | N
     head = f"| {first} | Method |" if first else "| Method |"
     sep = "|---|---|" if first else "|---|"
     rows = [
-        head + f" {dataset} Acc. | {dataset} F1 | Avg-model Acc. | Avg-model F1 | seeds |",
-        sep + "---|---|---|---|---|",
+        head + f" {dataset} Acc. | {dataset} F1 | Avg-model Acc. | Avg-model F1 |"
+        " Acc. (likelihood) | Avg-model Acc. (likelihood) | majority Acc. | seeds |",
+        sep + "---|---|---|---|---|---|---|---|",
     ]
+    keys = ("client_accuracy", "client_f1", "average_accuracy", "average_f1",
+            "client_ll_accuracy", "average_ll_accuracy", "client_majority_accuracy")  # fmt: skip
     for (variant, value), group in groups.items():
         lead = f"| {value} | {variant} |" if first else f"| {variant} |"
-        rows.append(
-            lead
-            + f" {fmt([c['client_accuracy'] for c in group])} |"
-            + f" {fmt([c['client_f1'] for c in group])} |"
-            + f" {fmt([c['average_accuracy'] for c in group])} |"
-            + f" {fmt([c['average_f1'] for c in group])} | {len(group)} |"
-        )
+        cols = " |".join(f" {fmt([c.get(k) for c in group])}" for k in keys)
+        rows.append(lead + cols + f" | {len(group)} |")
     return "\n".join(rows)
 
 

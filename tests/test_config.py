@@ -34,6 +34,7 @@ def test_defaults_are_the_embedded_job():
         ({"overrides": ["topology.name=moebius"]}, "topology.name"),
         ({"overrides": ["algorithm.discrepancy_scale=huge"]}, "algorithm.discrepancy_scale"),
         ({"overrides": ["algorithm.lr=-1"]}, "algorithm.lr"),
+        ({"overrides": ["algorithm.bias_correction=approx"]}, "algorithm.bias_correction"),
         ({"overrides": ["algorithm.mu1=1.5"]}, "algorithm.mu1"),
         ({"overrides": ["num_clients=1"]}, "num_clients"),
         ({"overrides": ["train.rounds=two"]}, "train.rounds"),

