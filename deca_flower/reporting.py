@@ -306,10 +306,9 @@ def phase_time_split(wall_s: float, phase: dict[str, Any]) -> dict[str, float]:
     writing the trained blocks to the state store. `non_training_share` is everything but
     the steps themselves (forward, backward, optimizer) and their gossip, over the wall time.
     """
-    n = len(phase["forward_s"])
-
-    def mean(key: str) -> float:
-        return sum(float(v or 0.0) for v in phase[key]) / n
+    def mean(key: str) -> float:  # over the sites that took part (None: a lost site)
+        values = [float(v or 0.0) for v in phase[key] if v is not None]
+        return sum(values) / max(1, len(values))
 
     training = mean("forward_s") + mean("backward_s") + mean("optimizer_s")
     communication = mean("communication_s")

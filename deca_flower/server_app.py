@@ -431,6 +431,8 @@ class Coordinator:
             {key: [replies[r].get(key) if r in replies else None for r in range(self.n)]
              for key in keys}
         )
+        for key in ("bytes_sent", "bytes_received"):  # a lost site sent nothing
+            record[key] = [0 if v is None else v for v in record[key]]
         record["members"] = self.members
         record["epoch"] = self.membership.epoch
         record["time_split"] = phase_time_split(self.phase_wall_s, record)
