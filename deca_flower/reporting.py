@@ -163,6 +163,9 @@ def _timeline(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {phase}: waiting for rank(s) {r['lost_ranks']}: {r['reason']}")
         elif r["type"] == "rejoined":
             lines.append(f"- {phase}: rank(s) {r['ranks']} are back")
+        elif r["type"] == "security":
+            lines.append(f"- security: rejected {r.get('what')} from {r.get('from')} "
+                         f"({r.get('check')}), seen by {r.get('seen_by')}")
     return ["", "## Timeline", "", *lines] if lines else []
 
 

@@ -54,6 +54,7 @@ class LabSpec:
     # optionally start it again (same key, same state dir) this many seconds later.
     kills: dict[int, list[int]] = field(default_factory=dict)  # phase -> sites
     restart_after_s: float | None = None
+    intruder: bool = False  # a non-member host that attacks the data plane during the run
     quiet: bool = False
 
 
@@ -250,6 +251,8 @@ class Lab:
 
     def wait(self, run_id: int) -> str:
         streamer = self._stream_logs(run_id)
+        if self.spec.intruder:
+            self._start_intruder(run_id)
         deadline = time.monotonic() + self.spec.timeout_s
         status = ""
         while time.monotonic() < deadline:
@@ -305,6 +308,19 @@ class Lab:
                 return
             time.sleep(0.5)
 
+    def _start_intruder(self, run_id: int) -> None:
+        host = self.hosts.extra_host("intruder", 99)
+        argv = [
+            sys.executable, "-m", "deca_flower.lab.intruder_process",
+            "--run-log", str(self.work / "run.log"), "--run-id", str(run_id),
+            "--store-host", self.hosts.hub_address, "--world", str(self.spec.sites),
+            "--out", str(self.work / "intrusions.jsonl"), "--me", host.address,
+        ]  # fmt: skip
+        self.processes.start(
+            "intruder", self.hosts.command(host, argv), self.env, self.work / "intruder.log"
+        )
+        self.say(f"intruder on {host.address}: claims ranks and sends to Gloo ports")
+
     def _inject_faults(self, line: str) -> None:
         """`kills`: phase p starts when the coordinator reports phase p-1 done (phase 1: when
         it reports the peers' graph, right after the handshake)."""
@@ -348,7 +364,7 @@ class Lab:
         out = self._run_dir(run_id, status)
         lab_dir = out / "lab"
         lab_dir.mkdir(parents=True, exist_ok=True)
-        for log in self.work.glob("*.log"):
+        for log in [*self.work.glob("*.log"), *self.work.glob("intrusions.jsonl")]:
             shutil.copy(log, lab_dir / log.name)
         (lab_dir / "lab.json").write_text(json.dumps(self.record, indent=2))
         if status != "finished:completed":

@@ -98,6 +98,12 @@ class Hosts:
     def bytes_sent(self, site: Site) -> int | None:
         return None
 
+    def extra_host(self, name: str, index: int) -> Site:
+        raise LabHostError(
+            f"the lab's {name} needs a host of its own (namespace mode); the lab runs on "
+            "loopback here. Run it as root, without --loopback."
+        )
+
 
 class LoopbackHosts(Hosts):
     mode = "loopback"
@@ -126,6 +132,12 @@ class NamespaceHosts(Hosts):
             site = Site(i, f"{SUBNET}.{10 + i}", f"site{i}", 9094)
             self._add_site(site)
             self.sites.append(site)
+
+    def extra_host(self, name: str, index: int) -> Site:
+        """A host on the lab's bridge that is not a site (e.g. the intruder)."""
+        host = Site(index, f"{SUBNET}.{index}", name, 0)
+        self._add_site(host)
+        return host
 
     def _add_site(self, site: Site) -> None:
         ns, veth = site.netns, _veth(site)

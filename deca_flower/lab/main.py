@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a killed site again after SECONDS (same key and state dir)",
     )
     parser.add_argument(
+        "--intruder",
+        action="store_true",
+        help="add a host that is not a member and attacks the data plane during the run",
+    )
+    parser.add_argument(
         "--site-config",
         action="append",
         default=[],
@@ -74,6 +79,7 @@ def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         node_config=_site_configs(args.site_config),
         kills=_kills(args.kill),
         restart_after_s=args.restart_after,
+        intruder=args.intruder,
     )
     try:
         out = Lab(spec).run()
