@@ -73,9 +73,11 @@ def step_losses(records: list[dict]) -> list[list[float]]:
 @needs_namespaces
 def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
     work = tmp_path / "work"
+    # With an intruder on the lab's bridge: the result must equal the runs without one.
     proc = run_lab_subprocess(
-        tmp_path, "--sites", str(SITES), "--work-dir", str(work), "--run-config", RUN_CONFIG[0]
-    )
+        tmp_path, "--sites", str(SITES), "--work-dir", str(work), "--intruder",
+        "--run-config", RUN_CONFIG[0],
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "mode: namespaces" in proc.stdout
     out = Path(proc.stdout.strip().splitlines()[-1])  # the last line is the run directory
@@ -110,21 +112,29 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
         atol=1e-5,
     )
 
-    # 2. The blocks really crossed the links: each site's veth carried at least what the
+    # 2. Every attack was tried and rejected: forged store values are security records
+    #    (and summary lines); raw bytes to a Gloo port never became a block.
+    intrusions = [json.loads(line) for line in (out / "lab" / "intrusions.jsonl").open()]
+    assert any(i["what"] == "claim rank" for i in intrusions)
+    security = [r for r in records if r["type"] == "security"]
+    assert security and all(r["check"] == "store-hmac" for r in security)
+    assert "security: rejected" in (out / "summary.md").read_text()
+
+    # 3. The blocks really crossed the links: each site's veth carried at least what the
     #    run's metrics say that site sent to its neighbours.
     sent = np.sum([r["bytes_sent"] for r in records if r["type"] == "phase"], axis=0)
     assert min(sent) > 0
     for rank in range(SITES):
         assert lab["interface_bytes_sent"][f"site{rank + 1}"] >= sent[rank]
 
-    # 3. TLS and node auth were on, and every site had its own registered key.
+    # 4. TLS and node auth were on, and every site had its own registered key.
     commands = "\n".join(lab["commands"])
     assert "--enable-supernode-auth" in commands and "--ssl-certfile" in commands
     assert commands.count("flwr supernode register") == SITES
     assert len(set(lab["node_ids"].values())) == SITES
     assert_docs_match_lab_commands(lab["commands"])
 
-    # 4. Nothing is left behind: no namespace, process or bridge on this host.
+    # 5. Nothing is left behind: no namespace, process or bridge on this host.
     assert (
         "site1"
         not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
