@@ -49,7 +49,10 @@ def metrics_of(record: dict[str, Any], phase_index: int) -> tuple[str, int, dict
     if kind == "phase":
         out: dict[str, Any] = {}
         for key, values in record.items():
-            if not isinstance(values, list) or not values:
+            if not isinstance(values, list):
+                continue
+            values = [v for v in values if isinstance(v, (int, float))]  # None: a lost site
+            if not values:
                 continue
             if key.startswith("bytes_"):
                 out[f"phase/{key}"] = sum(values)
