@@ -343,3 +343,17 @@ def test_lab_goes_on_without_a_killed_site_as_the_engine_replays(tmp_path):
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_app_bundle_ships_only_code_and_presets(tmp_path):
+    """What every site downloads: the package and conf/, not results, docs or tests."""
+    import zipfile
+
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "flwr"), "build", "--app", str(REPO)], cwd=tmp_path,
+                   check=True, capture_output=True)  # fmt: skip
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "deca_flower/server_app.py" in names and "conf/base.yaml" in names
+    assert not [n for n in names if n.startswith(("docs/", "tests/", "simulation/"))]
+    assert fab.stat().st_size < 2 * 2**20  # far below Flower's 10 MB limit
