@@ -166,7 +166,7 @@ def test_lab_on_loopback_finishes(tmp_path):
 def bad_lab(tmp_path_factory):
     """One deployment of 2 sites that every bad-input case below reconfigures in turn."""
     work = tmp_path_factory.mktemp("bad-lab")
-    spec = LabSpec(sites=2, loopback=True, work_dir=work / "lab", quiet=True, timeout_s=300)
+    spec = LabSpec(sites=2, loopback=True, work_dir=work / "lab", quiet=True, timeout_s=900)
     lab = Lab(spec)
     lab.up()
     yield lab
