@@ -180,6 +180,9 @@ class FaultsConfig:
     max_retries: int = 3  # reruns of one phase before the run stops
     # Simulation: "rank@phase[,rank@phase]" makes that rank fail that phase (a rehearsal).
     inject: str = ""
+    # A rehearsal of a lost coordinator: it stops as this phase (0-based) starts, leaving the
+    # run directory and the nodes' committed state for `resume`. -1: never.
+    stop_coordinator_at: int = -1
 
 
 @dataclass
@@ -198,6 +201,9 @@ class DecaConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: str = "none"  # none | tensorboard | mlflow | wandb (besides metrics.jsonl)
+    # A stopped Flower run's directory: continue it from its last committed phase
+    # (deca_flower/resume.py). "": a new run.
+    resume: str = ""
     verbose: bool = False  # also show transformers' / GGUF's own progress bars
 
 
@@ -321,6 +327,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
     _check_timeout_order(cfg)
     parse_fault_injection(cfg.faults.inject)
+    if cfg.faults.stop_coordinator_at < -1:
+        raise ConfigError(
+            f"faults.stop_coordinator_at={cfg.faults.stop_coordinator_at}: a phase index "
+            "(0-based), or -1 for never"
+        )
     validate_data(cfg.data)
     missing = missing_requirement(cfg.tracking)
     if missing:

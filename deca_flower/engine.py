@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
-from deca_flower.config import parse_fault_injection, to_yaml
+from deca_flower.config import ConfigError, parse_fault_injection, to_yaml
 from deca_flower.data import label_counts, plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import (
@@ -92,6 +92,12 @@ class EngineResult:
 class Engine:
     def __init__(self, cfg: DictConfig, out_dir: str | Path | None = None) -> None:
         # Everything that can fail on bad input is built before any output exists.
+        if cfg.resume or cfg.faults.stop_coordinator_at >= 0:
+            raise ConfigError(
+                "resume and faults.stop_coordinator_at apply to Flower runs (`flwr run .`, a "
+                "deployment, `deca-flower lab`); the in-process engine runs start to end: "
+                "unset them"
+            )
         self.cfg = cfg
         self.device = resolve_device(cfg.model.device)
         self.graph, self.weights = build_topology(cfg)

@@ -37,6 +37,7 @@ KNOBS = {
     "partition-by": "data.partition_by",
     "tracking": "tracking",
     "verbose": "verbose",
+    "resume": "resume",
 }
 FREE_FORM = "overrides"
 

@@ -96,6 +96,9 @@ class Node:
         self.judge = load_judge(cfg.eval.judge)
         self.broken = False
         self.last_phase = -1
+        # Of the base model, before any committed block is restored into it: a resumed or
+        # returning site must match the others' base model, not their trained blocks.
+        self.base_fingerprint = self._fingerprint()
         self.refresh()
 
     def refresh(self) -> None:
@@ -324,6 +327,9 @@ class Node:
         """What this site loaded as the base model and tokenizer, for the coordinator to
         compare across sites: names, shapes, dtypes and a few values of every tensor, the
         architecture config, and the tokenizer's vocabulary and special tokens."""
+        return self.base_fingerprint
+
+    def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.peer.model.config.to_json_string(use_diff=False).encode())
         for name, t in self.peer.model.state_dict().items():

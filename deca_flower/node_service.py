@@ -179,10 +179,12 @@ def _site_config(req: NodeRequest):
 
 def _state_dir(req: NodeRequest, cfg, rank: int) -> Path:
     """`state-dir` from --node-config in deployment; under the run's output dir in simulation."""
+    # A resumed run continues the state of the run it resumes (`state_id`).
+    run = str(req.request.get("state_id") or req.run_id)
     base = req.node_config.get("state-dir")
     if base:
-        return Path(str(base)) / f"run-{req.run_id}"
-    return Path(cfg.output_dir).resolve() / "state" / f"run-{req.run_id}" / f"node-{rank}"
+        return Path(str(base)) / f"run-{run}"
+    return Path(cfg.output_dir).resolve() / "state" / f"run-{run}" / f"node-{rank}"
 
 
 def _check_data_path(req: NodeRequest, rank: int) -> None:

@@ -36,6 +36,18 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.tracking = RunTracking(cfg, self.path) if cfg is not None else None
 
+    @classmethod
+    def reopen(cls, path: str | Path, cfg: Any = None) -> RunDir:
+        """A stopped run's directory (`.incomplete`), to append to when the run resumes."""
+        run = cls.__new__(cls)
+        run.path = Path(path).resolve()
+        name = run.path.name
+        run.final = run.path.with_name(name[: -len(INCOMPLETE)] if name.endswith(INCOMPLETE)
+                                       else name)  # fmt: skip
+        run.metrics_path = run.path / "metrics.jsonl"
+        run.tracking = RunTracking(cfg, run.path) if cfg is not None else None
+        return run
+
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")

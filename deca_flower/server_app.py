@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from deca_flower.blocks import block_order
 from deca_flower.config import to_yaml
@@ -33,6 +34,7 @@ from deca_flower.membership import Membership, MembershipError, full_membership,
 from deca_flower.methods import METHODS
 from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.reporting import (
+    INCOMPLETE,
     Progress,
     RunDir,
     format_eval,
@@ -42,6 +44,7 @@ from deca_flower.reporting import (
     read_metrics,
     summary_markdown,
 )
+from deca_flower.resume import Checkpoint, check_resumable, load_checkpoint
 from deca_flower.secure_channel import describe_data_plane, new_run_key
 from deca_flower.task import build_topology
 from deca_flower.topology import describe
@@ -87,6 +90,10 @@ class CoordinatorError(RuntimeError):
     pass
 
 
+class CoordinatorStopped(CoordinatorError):
+    """faults.stop_coordinator_at: the rehearsed loss of the coordinator (resume it)."""
+
+
 class PhaseFailed(CoordinatorError):
     """Some sites failed a message. `lost`: node ids that failed on their own (offline,
     crashed, no reply, their own error); the others failed for want of them (gossip)."""
@@ -114,8 +121,11 @@ class Coordinator:
         self.store_key = new_run_key()
         self.rank_to_node: dict[int, int] = {}
         self.hostnames: dict[int, str] = {}
-        self.phase = 0
-        self.committed_phase = -1  # the last phase every member finished
+        # Where the schedule stands; a resumed run starts where its checkpoint says.
+        self.resumed = self._load_resume_point()
+        self.checkpoint = self.resumed or Checkpoint(state_id=str(run_id))
+        self.phase = self.checkpoint.next_phase
+        self.committed_phase = self.phase - 1  # the last phase every member finished
         self.membership = full_membership(self.graph, self.weights)
         self.max_reply_values = 0
 
@@ -133,22 +143,23 @@ class Coordinator:
         info = self._handshake(node_ids)
         num_blocks = info[0]["num_blocks"]
         self.steps = int(info[0]["steps_per_phase"])
-        run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name, self.cfg)
+        schedule = [(t, blocks) for t in range(self.cfg.train.rounds)
+                    for blocks in self._phases(t, num_blocks)]  # fmt: skip
+        run_dir = self._open_run_dir(info, len(schedule))
         self.run_dir = run_dir
-        run_dir.write_text("config.yaml", to_yaml(self.cfg))
-        self._log_setup(info, num_blocks)
-        progress = Progress(self.cfg.train.rounds * len(self._phases(0, num_blocks)))
+        self._log_setup(info, num_blocks, record=self.resumed is None)
+        progress = Progress(len(schedule) - self.phase)
         self.progress = progress
-        if self.cfg.eval.zero_shot:
+        if self.cfg.eval.zero_shot and -1 not in self.checkpoint.evaluated:
             self._announce_eval(-1)
             self._evaluate(-1)
-        global_step = 0
-        for t in range(self.cfg.train.rounds):
-            for blocks in self._phases(t, num_blocks):
-                global_step = self._train_phase(t, blocks, global_step)
-            if (t + 1) % self.cfg.eval.every_rounds == 0 or t == self.cfg.train.rounds - 1:
-                self._announce_eval(t)
-                self._evaluate(t)
+        global_step = self.checkpoint.global_step
+        for index in range(self.phase, len(schedule)):
+            t, blocks = schedule[index]
+            self._evaluate_finished_rounds(t)
+            self._stop_if_rehearsed(index)
+            global_step = self._train_phase(t, blocks, global_step)
+        self._evaluate_finished_rounds(self.cfg.train.rounds)
         self._finish_nodes()
         run_dir.log(
             {
@@ -164,6 +175,16 @@ class Coordinator:
         plot_run(records, run_dir.path, labels)
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
+
+    def _evaluate_finished_rounds(self, current_round: int) -> None:
+        """Evaluate every round before `current_round` that is due and not yet evaluated
+        (in a fresh run: the round that just ended; in a resumed one, possibly its last)."""
+        every, rounds = self.cfg.eval.every_rounds, self.cfg.train.rounds
+        for t in range(current_round):
+            due = (t + 1) % every == 0 or t == rounds - 1
+            if due and t not in self.checkpoint.evaluated:
+                self._announce_eval(t)
+                self._evaluate(t)
 
     def _announce_eval(self, t: int) -> None:
         per_client = self.cfg.eval.max_examples_per_client
@@ -339,6 +360,7 @@ class Coordinator:
         )
         self.committed_phase = self.phase
         self.phase += 1
+        self._save_checkpoint(blocks, global_step + steps)
         return global_step + steps
 
     @property
@@ -416,6 +438,73 @@ class Coordinator:
             f"spectral gap {record['spectral_gap']:.3f}"
         )
 
+    # ------------------------------------------------------------------ resume
+
+    def _load_resume_point(self) -> Checkpoint | None:
+        """`resume=<run dir>`: its checkpoint, once its config proved result-equivalent."""
+        if not self.cfg.resume:
+            return None
+        run_dir = Path(self.cfg.resume).resolve()
+        checkpoint = load_checkpoint(run_dir)
+        if not run_dir.name.endswith(INCOMPLETE):
+            raise CoordinatorError(
+                f"resume={str(run_dir)!r}: that run finished (its directory is not "
+                f"{INCOMPLETE}); there is nothing to resume"
+            )
+        check_resumable(OmegaConf.load(run_dir / "config.yaml"), self.cfg, run_dir)
+        return checkpoint
+
+    def _open_run_dir(self, info: dict[int, dict[str, Any]], num_phases: int) -> RunDir:
+        if self.resumed is None:
+            run_dir = RunDir(self.cfg.output_dir, self.cfg.run_name, self.cfg)
+            run_dir.write_text("config.yaml", to_yaml(self.cfg))
+            self.checkpoint.save(run_dir.path)
+            return run_dir
+        self._check_resumed_nodes(info)
+        run_dir = RunDir.reopen(self.cfg.resume, self.cfg)
+        record = {"type": "resume", "phase": self.phase, "run_id": self.run_id,
+                  "state_id": self.checkpoint.state_id, "phases_left": num_phases - self.phase,
+                  "time": time.time()}  # fmt: skip
+        run_dir.log(record)
+        Progress(0).note(
+            f"resuming run {self.checkpoint.state_id} at phase {self.phase + 1} of {num_phases}"
+            f" (every node restores its blocks committed up to phase {self.phase})"
+        )
+        return run_dir
+
+    def _check_resumed_nodes(self, info: dict[int, dict[str, Any]]) -> None:
+        """Every node must hold the state the checkpoint expects (or one phase more, which
+        it committed before the coordinator stopped; it rolls that back)."""
+        committed = self.committed_phase
+        wrong = {r: int(reply.get("last_phase", -1)) for r, reply in info.items()
+                 if int(reply.get("last_phase", -1)) not in (committed, committed + 1)}  # fmt: skip
+        if wrong:
+            sites = ", ".join(f"{self._site(self.rank_to_node[r])} holds phase {p + 1}"
+                              for r, p in sorted(wrong.items()))  # fmt: skip
+            raise CoordinatorError(
+                f"resume={self.cfg.resume!r} continues after phase {committed + 1}, but {sites}"
+                f" (state run-{self.checkpoint.state_id}). Start those sites with the state-dir "
+                "they used in the original run, or start the run afresh without `resume`"
+            )
+
+    def _save_checkpoint(self, blocks: list[int], global_step: int) -> None:
+        self.checkpoint.phase_blocks[str(self.committed_phase)] = list(blocks)
+        self.checkpoint.next_phase = self.phase
+        self.checkpoint.global_step = global_step
+        self.checkpoint.save(self.run_dir.path)
+
+    def _stop_if_rehearsed(self, index: int) -> None:
+        """faults.stop_coordinator_at: stop as that phase starts (not when resuming at it)."""
+        if index != self.cfg.faults.stop_coordinator_at:
+            return
+        if self.resumed is not None and index == self.resumed.next_phase:
+            return
+        self.run_dir.log({"type": "stopped", "phase": index, "time": time.time()})
+        raise CoordinatorStopped(
+            f"the coordinator stops as phase {index + 1} starts (faults.stop_coordinator_at="
+            f"{index}); continue the run with --run-config \"resume='{self.run_dir.path}'\""
+        )
+
     def _phase_record(self, t: int, blocks: list[int], replies: dict[int, dict]) -> dict:
         keys = (
             "bytes_sent",
@@ -454,6 +543,11 @@ class Coordinator:
         return record
 
     def _evaluate(self, t: int) -> None:
+        self._evaluate_round(t)
+        self.checkpoint.evaluated.append(t)
+        self.checkpoint.save(self.run_dir.path)
+
+    def _evaluate_round(self, t: int) -> None:
         request = self._common_request(f"eval{t + 1}")
         request.update({"round": t, "blocks": [], "steps": 0, "zero_shot": t == -1})
         replies = self._send_to_ranks(request, "evaluate.deca")
@@ -550,6 +644,9 @@ class Coordinator:
             "group_name": f"run{self.run_id}/{tag}",
             "phase": self.phase,
             "store_key": self.store_key,
+            # The nodes' state stores are named after the run that created them (a resumed
+            # run continues the original's).
+            "state_id": self.checkpoint.state_id,
         }
 
     def _send_to_ranks(self, request: dict[str, Any], message_type: str) -> dict[int, dict]:
@@ -686,12 +783,27 @@ class Coordinator:
 
     # ------------------------------------------------------------------ outputs
 
-    def _log_setup(self, info: dict[int, dict[str, Any]], num_blocks: int) -> None:
+    def _log_setup(
+        self, info: dict[int, dict[str, Any]], num_blocks: int, record: bool = True
+    ) -> None:
+        """Console lines about the run; `record`: also its topology and data records (a
+        resumed run has them already)."""
         topo = describe(self.graph, self.weights)
-        self.run_dir.log({"type": "topology", **topo, "mixing_matrix": self.weights.tolist()})
         counts = [info[r]["label_counts"] for r in range(self.n)]
         self.num_labels = len(counts[0])
         self.label_counts = counts  # majority-class baselines, as the engine computes them
+        if record:
+            self._log_setup_records(topo, counts, num_blocks)
+        Progress(0).note(
+            f"{self.n} peers on a {topo['name']} graph (spectral gap {topo['spectral_gap']:.3f}),"
+            f" {num_blocks} blocks x {self.cfg.train.steps_per_block} steps x "
+            f"{self.cfg.train.rounds} rounds; gossip store on port {self.store_port}; "
+            f"writing {self.run_dir.path}"
+        )
+        Progress(0).note(describe_data_plane(self.cfg.gossip.encryption, self.cfg.gossip.backend))
+
+    def _log_setup_records(self, topo: dict, counts: list[list[int]], num_blocks: int) -> None:
+        self.run_dir.log({"type": "topology", **topo, "mixing_matrix": self.weights.tolist()})
         self.run_dir.log(
             {
                 "type": "data",
@@ -705,13 +817,6 @@ class Coordinator:
         )
         if counts[0]:  # instruction tuning has no labels to plot
             plot_label_counts(counts, self.run_dir.path / "label_distribution.png")
-        Progress(0).note(
-            f"{self.n} peers on a {topo['name']} graph (spectral gap {topo['spectral_gap']:.3f}),"
-            f" {num_blocks} blocks x {self.cfg.train.steps_per_block} steps x "
-            f"{self.cfg.train.rounds} rounds; gossip store on port {self.store_port}; "
-            f"writing {self.run_dir.path}"
-        )
-        Progress(0).note(describe_data_plane(self.cfg.gossip.encryption, self.cfg.gossip.backend))
 
 
 def _is_failure(msg: Message) -> bool:

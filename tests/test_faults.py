@@ -260,3 +260,87 @@ def test_simulation_goes_on_without_an_injected_site_as_the_engine_replays(tmp_p
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
         if rank == 1:
             assert not (state / "block_0001.safetensors").exists()
+
+
+# ---------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_a_config_that_changes_the_result(tmp_path):
+    from deca_flower.resume import check_resumable
+
+    original = load_config({"model": "tiny"}, {"num_clients": 4})
+    neutral = load_config(
+        {"model": "tiny"},
+        {"num_clients": 4, "flower.phase_timeout_s": 900, "faults.on_peer_loss": "stop",
+         "output_dir": "elsewhere", "resume": str(tmp_path), "gossip.encryption": "none"},
+    )  # fmt: skip
+    check_resumable(original, neutral, tmp_path)  # nothing that changes the result differs
+    changed = load_config(
+        {"model": "tiny"}, {"num_clients": 4, "algorithm.lr": 5e-4, "train.rounds": 3}
+    )
+    with pytest.raises(ConfigError) as err:
+        check_resumable(original, changed, tmp_path)
+    assert "algorithm.lr: 0.001 -> 0.0005" in str(err.value)
+    assert "train.rounds: 1 -> 3" in str(err.value)
+
+
+def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path):
+    from deca_flower.resume import Checkpoint, load_checkpoint
+
+    with pytest.raises(ConfigError, match="no such run directory"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="has no coordinator.json"):
+        load_checkpoint(tmp_path)
+    Checkpoint(state_id="7", next_phase=3, global_step=6, evaluated=[-1]).save(tmp_path)
+    back = load_checkpoint(tmp_path)
+    assert (back.state_id, back.committed_phase, back.global_step) == ("7", 2, 6)
+
+
+def test_the_engine_refuses_resume_settings(tmp_path):
+    cfg = load_config({"model": "tiny"}, {"num_clients": 2, "faults.stop_coordinator_at": 1})
+    with pytest.raises(ConfigError, match="faults.stop_coordinator_at"):
+        Engine(cfg)
+
+
+def _node_blocks(state_root, ranks) -> dict[tuple[int, str], torch.Tensor]:
+    out = {}
+    for rank in ranks:
+        for path in sorted((state_root / f"node-{rank}").glob("block_????.safetensors")):
+            for name, t in load_file(path).items():
+                out[(rank, f"{path.name}:{name}")] = t
+    return out
+
+
+def test_simulation_resumed_after_the_coordinator_stops_is_bit_identical(tmp_path):
+    """Stop the coordinator as phase 3 starts, resume from the run directory: the losses
+    and every node's final blocks are bit-identical to a run that never stopped."""
+    from test_flower_app import finished_runs, flwr_run
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    out = tmp_path / "sim"
+    first = flwr_run(out, {**settings, "faults.stop_coordinator_at": 2})
+    stopped = list(out.glob("deca-*.incomplete"))
+    assert len(stopped) == 1 and not finished_runs(out), first.stdout[-4000:] + first.stderr[-4000:]
+    assert "faults.stop_coordinator_at=2" in first.stdout + first.stderr
+    second = flwr_run(out, {**settings, "resume": stopped[0]})
+    runs = finished_runs(out)
+    assert len(runs) == 1, second.stdout[-5000:] + second.stderr[-5000:]
+    assert runs[0].name == stopped[0].name.removesuffix(".incomplete")
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    (resume,) = [r for r in records if r["type"] == "resume"]
+    assert resume["phase"] == 2 and resume["phases_left"] == 2
+    steps = [r["global_step"] for r in records if r["type"] == "step"]
+    assert steps == list(range(len(steps)))  # no phase lost, none trained twice
+
+    reference = flwr_run(tmp_path / "ref", settings)
+    (ref,) = finished_runs(tmp_path / "ref")
+    ref_records = read_metrics(ref / "metrics.jsonl")
+    assert np.array_equal(_losses(records), _losses(ref_records)), reference.stdout[-3000:]
+    state_id, ref_id = (
+        next(r for r in recs if r["type"] == "data")["run_id"] for recs in (records, ref_records)
+    )
+    resumed = _node_blocks(out / "state" / f"run-{state_id}", range(4))
+    uninterrupted = _node_blocks(tmp_path / "ref" / "state" / f"run-{ref_id}", range(4))
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) > 0
+    for key, tensor in uninterrupted.items():
+        assert torch.equal(resumed[key], tensor), key
