@@ -79,16 +79,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class Progress:
     """One console line per phase: phase i of N, mean loss, elapsed and estimated time left."""
 
-    def __init__(self, total_phases: int, stream=None) -> None:
+    def __init__(self, total_phases: int, stream=None, done: int = 0) -> None:
+        """`done`: phases a resumed run has behind it (numbering goes on from there)."""
         self.total = total_phases
-        self.done = 0
+        self.done = self.first = done
         self.start = time.perf_counter()
         self.stream = stream  # None: sys.stdout at print time (a redirect or capture applies)
 
     def phase_done(self, label: str, mean_loss: float) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.start
-        left = elapsed / self.done * (self.total - self.done)
+        left = elapsed / (self.done - self.first) * (self.total - self.done)
         print(
             f"[deca] phase {self.done}/{self.total} {label} loss={mean_loss:.4f} "
             f"elapsed={_hms(elapsed)} left~{_hms(left)}",

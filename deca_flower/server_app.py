@@ -148,7 +148,7 @@ class Coordinator:
         run_dir = self._open_run_dir(info, len(schedule))
         self.run_dir = run_dir
         self._log_setup(info, num_blocks, record=self.resumed is None)
-        progress = Progress(len(schedule) - self.phase)
+        progress = Progress(len(schedule), done=self.phase)
         self.progress = progress
         if self.cfg.eval.zero_shot and -1 not in self.checkpoint.evaluated:
             self._announce_eval(-1)
@@ -352,15 +352,17 @@ class Coordinator:
             )
         record = self._phase_record(t, blocks, replies)
         self.run_dir.log(record)
+        # Committed (and checkpointed) before the console says so: whoever acts on that line
+        # (a user, the lab's fault injection) finds the checkpoint saying so too.
+        self.committed_phase = self.phase
+        self.phase += 1
+        self._save_checkpoint(blocks, global_step + steps)
         split = record["time_split"]
         self.progress.phase_done(
             f"round {t + 1} block(s) {blocks[0]}" + (f"-{blocks[-1]}" if len(blocks) > 1 else "")
             + f" ({split['wall_s']:.1f} s, {100 * split['non_training_share']:.0f}% not training)",
             sum(loss[-1] for loss in losses.values()) / len(losses),
         )
-        self.committed_phase = self.phase
-        self.phase += 1
-        self._save_checkpoint(blocks, global_step + steps)
         return global_step + steps
 
     @property

@@ -54,6 +54,9 @@ class LabSpec:
     # optionally start it again (same key, same state dir) this many seconds later.
     kills: dict[int, list[int]] = field(default_factory=dict)  # phase -> sites
     restart_after_s: float | None = None
+    # SIGKILL the whole deployment as this phase (1-based) starts, then bring it back and
+    # resume the run from its directory (`resume=<run dir>`).
+    stop_coordinator_at: int | None = None
     intruder: bool = False  # a non-member host that attacks the data plane during the run
     quiet: bool = False
 
@@ -71,6 +74,7 @@ class Lab:
         self.env = _base_env()
         self.node_ids: dict[int, int] = {}
         self.record: dict[str, Any] = {"mode": self.hosts.mode, "sites": spec.sites}
+        self.deployment_killed = threading.Event()
 
     # ------------------------------------------------------------------ the whole lab
 
@@ -86,6 +90,11 @@ class Lab:
         """Submit one run to the running deployment and wait for it; its output directory."""
         run_id = self.submit(run_config)
         status = self.wait(run_id)
+        if self.deployment_killed.is_set():
+            stopped = self._stopped_run_dir(run_id)
+            self._bring_back_up()
+            run_id = self.submit([*run_config, f'resume="{stopped}"'])
+            status = self.wait(run_id)
         return self.collect(run_id, status)
 
     def restart_site(self, site: Site, node_config: str = "") -> None:
@@ -111,8 +120,12 @@ class Lab:
         )
         self.cli = FlwrCli(self.work / "cli", CONNECTION, self.env, self.work / "commands.log")
         self.cli.write_config(self.address, self.certs.ca_cert)
-        self.start_superlink()
         self.keys = {s.index: make_node_key(self.work / "keys", s.name) for s in self.sites}
+        self._start_flower()
+
+    def _start_flower(self) -> None:
+        """The SuperLink, every site's key registered, every SuperNode online."""
+        self.start_superlink()
         for site in self.sites:
             if site.index not in self.spec.unregistered:
                 self.node_ids[site.index] = self.cli.register(self.keys[site.index].public)
@@ -256,6 +269,9 @@ class Lab:
         deadline = time.monotonic() + self.spec.timeout_s
         status = ""
         while time.monotonic() < deadline:
+            if self.deployment_killed.is_set():
+                status = "stopped:deployment killed (--stop-coordinator-at)"
+                break
             # Each `flwr ls` is a Python process of its own: poll gently, and at once when
             # the log stream ends (it ends with the run).
             status = self.cli.run_status(run_id)
@@ -279,6 +295,7 @@ class Lab:
 
     def _stream_logs(self, run_id: int) -> threading.Thread:
         log = self.work / "run.log"
+        position = log.stat().st_size if log.exists() else 0
         argv = ["flwr", "log", str(run_id), CONNECTION, "--stream"]
         self._log_command(argv)
         started = self.processes.start(
@@ -287,13 +304,13 @@ class Lab:
             self.cli.env,
             log,
         )
-        thread = threading.Thread(target=self._echo, args=(log, started), daemon=True)
+        thread = threading.Thread(target=self._echo, args=(log, started, position), daemon=True)
         thread.start()
         return thread
 
-    def _echo(self, log: Path, started) -> None:
-        """Print the run's own progress lines as they arrive (the coordinator's log)."""
-        position = 0
+    def _echo(self, log: Path, started, position: int = 0) -> None:
+        """Print the run's own progress lines as they arrive (the coordinator's log), from
+        `position` on (the log may hold an earlier run's lines)."""
         while True:
             running = started.popen.poll() is None
             with log.open("rb") as f:
@@ -324,9 +341,12 @@ class Lab:
     def _inject_faults(self, line: str) -> None:
         """`kills`: phase p starts when the coordinator reports phase p-1 done (phase 1: when
         it reports the peers' graph, right after the handshake)."""
+        stop = self.spec.stop_coordinator_at
+        if stop is not None and _phase_starts(line, stop):
+            self.spec.stop_coordinator_at = None
+            self._kill_deployment(stop)
         for phase, sites in list(self.spec.kills.items()):
-            starts = f"phase {phase - 1}/" in line if phase > 1 else "peers on a" in line
-            if not starts:
+            if not _phase_starts(line, phase):
                 continue
             del self.spec.kills[phase]
             for index in sites:
@@ -340,6 +360,39 @@ class Lab:
                 )
                 if self.spec.restart_after_s is not None:
                     threading.Thread(target=self._restart_later, args=(site,), daemon=True).start()
+
+    def _kill_deployment(self, phase: int) -> None:
+        """SIGKILL the SuperLink (and with it the ServerApp, the coordinator) and every
+        SuperNode: the whole deployment is lost mid-run, as in a power cut."""
+        for name in ["superlink", *(s.name for s in self.sites)]:
+            self.processes.signal(name, signal.SIGKILL)
+        self.record.setdefault("faults", []).append(
+            {"deployment_killed": True, "phase": phase, "time": time.time()}
+        )
+        self.say(f"killed the SuperLink and every SuperNode (SIGKILL) as phase {phase} starts")
+        self.deployment_killed.set()
+
+    def _stopped_run_dir(self, run_id: int) -> Path:
+        """The killed run's directory: the coordinator left it `.incomplete`."""
+        time.sleep(1.0)
+        self.processes.stop("log-stream", grace_s=2.0)
+        new = sorted(set(self.output_base.glob("*.incomplete")) - self.existing_runs)
+        if not new:
+            raise LabError(
+                f"run {run_id} was killed before its coordinator wrote a run directory under "
+                f"{self.output_base}: nothing to resume (--stop-coordinator-at a later phase)"
+            )
+        (self.work / "run.log").rename(self.work / f"run-{run_id}-killed.log")
+        return new[-1]
+
+    def _bring_back_up(self) -> None:
+        """Start the deployment again: a fresh SuperLink (its state was in memory), the same
+        keys registered again, every site with its own key and state dir."""
+        self.processes.stop_all(grace_s=2.0)
+        self.deployment_killed.clear()
+        self._start_flower()
+        self.record["faults"].append({"deployment_restarted": True, "time": time.time()})
+        self.say("the deployment is back up (same keys, same state dirs): resuming the run")
 
     def _restart_later(self, site: Site) -> None:
         """Start a killed site again with the same key and state dir. Flower refuses it while
@@ -407,6 +460,12 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(f"timed out after {timeout_s:.0f} s waiting for {what}")
             time.sleep(0.3)
+
+
+def _phase_starts(line: str, phase: int) -> bool:
+    """Phase p (1-based) starts when the coordinator reports phase p-1 done (phase 1: when it
+    reports the peers' graph, right after the handshake)."""
+    return f"phase {phase - 1}/" in line if phase > 1 else "peers on a" in line
 
 
 def _base_env() -> dict[str, str]:

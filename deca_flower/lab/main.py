@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a killed site again after SECONDS (same key and state dir)",
     )
     parser.add_argument(
+        "--stop-coordinator-at",
+        type=int,
+        metavar="PHASE",
+        help="SIGKILL the whole deployment (SuperLink with the coordinator, every SuperNode) as "
+        "phase PHASE (1-based) starts, bring it back up and resume the run from its directory",
+    )
+    parser.add_argument(
         "--intruder",
         action="store_true",
         help="add a host that is not a member and attacks the data plane during the run",
@@ -79,6 +86,7 @@ def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         node_config=_site_configs(args.site_config),
         kills=_kills(args.kill),
         restart_after_s=args.restart_after,
+        stop_coordinator_at=args.stop_coordinator_at,
         intruder=args.intruder,
     )
     try:
