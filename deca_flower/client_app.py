@@ -5,6 +5,9 @@ Message types (sent by `server_app.py`):
   model and data fingerprints); join a barrier on the coordinator's store so the coordinator
   learns whether all peers can run at once.
 - `train.deca`: run one phase (S inner steps per block, gossip every step); reply metrics.
+- `query.rejoin`: a lost site is back: report what it loaded and its last committed phase.
+- `train.heal`: a returning site takes the blocks it missed from a live neighbour (who
+  gives them); both reply the blocks' hashes (`heal.py`).
 - `evaluate.deca`: score the local test slice (labels, or perplexity / ROUGE-L for
   instruction tuning), also with the network average.
 - `query.finish`: optionally export the final model; drop a simulated node's scratch state.
@@ -41,6 +44,16 @@ def handshake(msg: Message, context: Context) -> Message:
 @app.train("deca")
 def train(msg: Message, context: Context) -> Message:
     return _reply(msg, _handle("train", msg, context))
+
+
+@app.query("rejoin")
+def rejoin(msg: Message, context: Context) -> Message:
+    return _reply(msg, _handle("rejoin", msg, context))
+
+
+@app.train("heal")
+def heal(msg: Message, context: Context) -> Message:
+    return _reply(msg, _handle("heal", msg, context))
 
 
 @app.evaluate("deca")

@@ -180,6 +180,9 @@ class FaultsConfig:
     max_retries: int = 3  # reruns of one phase before the run stops
     # Simulation: "rank@phase[,rank@phase]" makes that rank fail that phase (a rehearsal).
     inject: str = ""
+    # With inject: "rank@phase" brings that lost rank back as the phase starts (healed from a
+    # live neighbour, as the coordinator does for a restarted site): a rehearsal.
+    rejoin: str = ""
     # A rehearsal of a lost coordinator: it stops as this phase (0-based) starts, leaving the
     # run directory and the nodes' committed state for `resume`. -1: never.
     stop_coordinator_at: int = -1
@@ -326,7 +329,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.topology.name == "file" and not cfg.topology.path:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
     _check_timeout_order(cfg)
-    parse_fault_injection(cfg.faults.inject)
+    injected = parse_fault_injection(cfg.faults.inject)
+    for rank, phase in parse_fault_injection(cfg.faults.rejoin, "faults.rejoin"):
+        if not any(r == rank and p < phase for r, p in injected):
+            raise ConfigError(
+                f"faults.rejoin={cfg.faults.rejoin!r}: rank {rank} rejoins at phase {phase} but "
+                "faults.inject does not lose it before that phase"
+            )
     if cfg.faults.stop_coordinator_at < -1:
         raise ConfigError(
             f"faults.stop_coordinator_at={cfg.faults.stop_coordinator_at}: a phase index "
@@ -348,15 +357,13 @@ def _check_timeout_order(cfg: DictConfig) -> None:
             )
 
 
-def parse_fault_injection(spec: str) -> set[tuple[int, int]]:
-    """`faults.inject`: "rank@phase,rank@phase" -> {(rank, phase)}."""
+def parse_fault_injection(spec: str, key: str = "faults.inject") -> set[tuple[int, int]]:
+    """`faults.inject` (or `faults.rejoin`): "rank@phase,rank@phase" -> {(rank, phase)}."""
     out = set()
     for item in filter(None, (part.strip() for part in str(spec or "").split(","))):
         rank, sep, phase = item.partition("@")
         if not sep or not rank.isdigit() or not phase.isdigit():
-            raise ConfigError(
-                f"faults.inject={spec!r}: expected rank@phase[,rank@phase], e.g. 2@1"
-            )
+            raise ConfigError(f"{key}={spec!r}: expected rank@phase[,rank@phase], e.g. 2@1")
         out.add((int(rank), int(phase)))
     return out
 

@@ -36,7 +36,8 @@ from deca_flower.generation import (
     is_generation_task,
     load_judge,
 )
-from deca_flower.membership import full_membership, without
+from deca_flower.heal import block_hash
+from deca_flower.membership import full_membership, heal_donor, with_members, without
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.peer import Peer
@@ -119,6 +120,9 @@ class Engine:
         # with W rebuilt on the survivors, as the coordinator does (faults.on_peer_loss).
         self.membership = full_membership(self.graph, self.weights)
         self.injected = parse_fault_injection(cfg.faults.inject)
+        self.rejoins = parse_fault_injection(cfg.faults.rejoin, "faults.rejoin")
+        self.lost_at: dict[int, int] = {}
+        self.phase_blocks: list[int] = []  # the block each phase trained
         self.phase = 0
 
     @property
@@ -155,8 +159,10 @@ class Engine:
         global_step = 0
         for t in range(cfg.train.rounds):
             for k in block_order(self.num_blocks, cfg.train.block_order, t, cfg.seed):
+                self._apply_rejoins()
                 self._apply_injected_faults()
                 global_step = self._run_block(t, k, global_step)
+                self.phase_blocks.append(k)
                 self.phase += 1
             if (t + 1) % cfg.eval.every_rounds == 0 or t == cfg.train.rounds - 1:
                 self._announce_eval(t)
@@ -177,8 +183,34 @@ class Engine:
         self.membership = without(
             self.membership, lost, self.graph, self.cfg.topology.mixing, faults.min_peers
         )
+        for rank in lost:
+            self.lost_at[rank] = self.phase
         self.run_dir.log({"type": "membership", "phase": self.phase, **self.membership.record()})
         self.progress.note(f"faults.inject: going on without rank(s) {sorted(lost)}")
+
+    @torch.no_grad()
+    def _apply_rejoins(self) -> None:
+        """faults.rejoin: a lost rank is back; it takes the blocks trained since it was lost
+        from its donor (`heal_donor`, the coordinator's rule), then trains again."""
+        back = sorted(r for r, p in self.rejoins if p == self.phase and r in self.lost_at)
+        for rank in back:
+            blocks = sorted(set(self.phase_blocks[self.lost_at.pop(rank):]))
+            donor = heal_donor(rank, self.membership, self.graph)
+            mine, theirs = self.peers[rank].partition, self.peers[donor].partition
+            for k in blocks:
+                for p, q in zip(mine.parameters(k), theirs.parameters(k), strict=True):
+                    p.copy_(q)
+            hashes = [block_hash(mine.parameters(k)) for k in blocks]
+            self.run_dir.log({"type": "heal", "phase": self.phase, "rank": rank, "from": donor,
+                              "blocks": blocks, "hashes": hashes})  # fmt: skip
+        if back:
+            self.membership = with_members(self.membership, {*self.members, *back}, self.graph,
+                                           self.weights, self.cfg.topology.mixing)  # fmt: skip
+            self.run_dir.log({"type": "rejoined", "phase": self.phase, "ranks": back})
+            self.run_dir.log(
+                {"type": "membership", "phase": self.phase, **self.membership.record()}
+            )
+            self.progress.note(f"faults.rejoin: rank(s) {back} are back (healed)")
 
     def _announce_eval(self, round_idx: int) -> None:
         cfg = self.cfg

@@ -92,3 +92,27 @@ def _embedded_weights(graph: nx.Graph, n: int, rule: str) -> torch.Tensor:
     idx = torch.tensor(members)
     out[idx.unsqueeze(1), idx.unsqueeze(0)] = w
     return out
+
+
+def with_members(
+    current: Membership, members: set[int], full_graph: nx.Graph, full_weights: torch.Tensor,
+    rule: str,
+) -> Membership:
+    """The next epoch over `members`: the original graph and W once every rank is back,
+    else W rebuilt by `rule` on the graph induced on them."""
+    if set(members) == set(full_graph.nodes):
+        return restored(current, full_graph, full_weights)
+    graph = full_graph.subgraph(sorted(members)).copy()
+    if not nx.is_connected(graph):
+        raise MembershipError(f"ranks {sorted(members)} are not connected on the graph")
+    n = full_graph.number_of_nodes()
+    return Membership(current.epoch + 1, tuple(sorted(members)), graph,
+                      _embedded_weights(graph, n, rule))  # fmt: skip
+
+
+def heal_donor(rank: int, current: Membership, full_graph: nx.Graph) -> int:
+    """Who gives a returning `rank` the blocks it missed: its lowest-ranked neighbour (on the
+    full graph) that is a member, else the lowest-ranked member. The coordinator and the
+    engine's replay use this same rule."""
+    live = [j for j in neighbours(full_graph, rank) if j in current.members]
+    return min(live) if live else min(current.members)

@@ -5,7 +5,7 @@ Framework-free (no `flwr` import). `client_app.py` turns a Flower message into
 own process (simulation) or in the site's resident worker (`resident.py`, deployment), which
 keeps the model loaded between messages.
 
-Kinds: `handshake`, `train`, `evaluate`, `finish` (see `client_app.py`).
+Kinds: `handshake`, `rejoin`, `train`, `heal`, `evaluate`, `finish` (see `client_app.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from deca_flower.config import parse_fault_injection
 from deca_flower.flower_config import config_from_run_config
 from deca_flower.gossip import handshake_barrier
+from deca_flower.heal import heal
 from deca_flower.node import Node, PhasePlan, config_key, forget_node, get_node
 from deca_flower.state_store import NodeStateStore
 
@@ -65,8 +66,27 @@ def handle(req: NodeRequest) -> dict[str, Any]:
 
 
 def _handshake(req: NodeRequest) -> dict[str, Any]:
+    _barrier(req.request, _rank(req), _store_host(req))
+    return _site_facts(req)
+
+
+def _rejoin(req: NodeRequest) -> dict[str, Any]:
+    """A lost site is back: what it loaded and the last phase it committed (no barrier:
+    the others are busy training)."""
+    return _site_facts(req)
+
+
+def _heal(req: NodeRequest) -> dict[str, Any]:
+    """Give (donor) or take (returning site) the blocks trained while the site was away."""
+    node, load_s = _timed_node(req)
+    blocks = [int(k) for k in req.request["heal_blocks"]]
+    receive = str(req.request["heal_role"]) == "receiver"
+    out = heal(node, _plan(req), blocks, receive, int(req.request["committed_phase"]))
+    return {"rank": _rank(req), "load_s": load_s, **out}
+
+
+def _site_facts(req: NodeRequest) -> dict[str, Any]:
     rank = _rank(req)
-    _barrier(req.request, rank, _store_host(req))
     _check_data_path(req, rank)
     node, load_s = _timed_node(req)
     return {
@@ -140,6 +160,8 @@ def _finish(req: NodeRequest) -> dict[str, Any]:
 
 _HANDLERS: dict[str, Callable[[NodeRequest], dict[str, Any]]] = {
     "handshake": _handshake,
+    "rejoin": _rejoin,
+    "heal": _heal,
     "train": _train,
     "evaluate": _evaluate,
     "finish": _finish,

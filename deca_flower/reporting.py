@@ -176,6 +176,16 @@ def _timeline(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {phase}: waiting for rank(s) {r['lost_ranks']}: {r['reason']}")
         elif r["type"] == "rejoined":
             lines.append(f"- {phase}: rank(s) {r['ranks']} are back")
+        elif r["type"] == "heal":
+            lines.append(f"- {phase}: rank {r['rank']} healed block(s) {r['blocks']} from rank "
+                         f"{r['from']} (hashes {', '.join(r['hashes']) or '-'})")  # fmt: skip
+        elif r["type"] == "rejoin_refused":
+            lines.append(f"- {phase}: rank {r['rank']} came back but stays out: {r['differs']}")
+        elif r["type"] == "stopped":
+            lines.append(f"- {phase}: the coordinator stopped (faults.stop_coordinator_at)")
+        elif r["type"] == "resume":
+            lines.append(f"- {phase}: resumed as run {r['run_id']} (state of run "
+                         f"{r['state_id']})")  # fmt: skip
         elif r["type"] == "security":
             lines.append(f"- security: rejected {r.get('what')} from {r.get('from')} "
                          f"({r.get('check')}), seen by {r.get('seen_by')}")

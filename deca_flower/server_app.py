@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from deca_flower.blocks import block_order
-from deca_flower.config import to_yaml
+from deca_flower.config import parse_fault_injection, to_yaml
 from deca_flower.data import task_from_config
 from deca_flower.evaluation import eval_record, global_test_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
@@ -30,7 +30,14 @@ from deca_flower.generation import (
     pool_generation_metrics,
 )
 from deca_flower.gossip import host_store
-from deca_flower.membership import Membership, MembershipError, full_membership, without
+from deca_flower.membership import (
+    Membership,
+    MembershipError,
+    full_membership,
+    heal_donor,
+    with_members,
+    without,
+)
 from deca_flower.methods import METHODS
 from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.reporting import (
@@ -127,6 +134,12 @@ class Coordinator:
         self.phase = self.checkpoint.next_phase
         self.committed_phase = self.phase - 1  # the last phase every member finished
         self.membership = full_membership(self.graph, self.weights)
+        # Lost ranks: the phase each was lost at, and which Flower has since listed as gone
+        # (a restarted SuperNode is back only once it was gone: before that it is the dead
+        # session, listed until Flower marks it offline).
+        self.lost_at: dict[int, int] = {}
+        self.gone: set[int] = set()
+        self.presence_checked = 0.0
         self.max_reply_values = 0
 
     # ------------------------------------------------------------------ the run
@@ -157,6 +170,7 @@ class Coordinator:
         for index in range(self.phase, len(schedule)):
             t, blocks = schedule[index]
             self._evaluate_finished_rounds(t)
+            self._readmit_returned_sites()
             self._stop_if_rehearsed(index)
             global_step = self._train_phase(t, blocks, global_step)
         self._evaluate_finished_rounds(self.cfg.train.rounds)
@@ -291,6 +305,7 @@ class Coordinator:
             self.rank_to_node[rank] = node_id
             by_rank[rank] = reply
         self._check_sites_agree(by_rank)
+        self.site_facts = by_rank[0]  # what a returning site must match
         return by_rank
 
     def _check_sites_agree(self, by_rank: dict[int, dict[str, Any]]) -> None:
@@ -391,6 +406,8 @@ class Coordinator:
         if not lost:
             return  # only peers' errors (e.g. a transient link failure): rerun as it is
         if faults.on_peer_loss == "continue":
+            for rank in lost:
+                self.lost_at.setdefault(rank, self.phase)
             try:
                 self._set_membership(without(self.membership, set(lost), self.graph,
                                              self.cfg.topology.mixing, faults.min_peers))
@@ -429,6 +446,95 @@ class Coordinator:
             time.sleep(1.0)
         self.run_dir.log({"type": "rejoined", "phase": self.phase, "ranks": lost})
         self.progress.note(f"rank(s) {lost} are back; rerunning phase {self.phase + 1}")
+
+    # ------------------------------------------------------------------ rejoin and heal
+
+    def _note_absent_sites(self) -> set[int]:
+        """Flower's node list (at most once a second); lost ranks missing from it are gone."""
+        if not self.lost_at or time.monotonic() - self.presence_checked < 1.0:
+            return set()
+        self.presence_checked = time.monotonic()
+        listed = set(self.grid.get_node_ids())
+        self.gone |= {r for r in self.lost_at if self.rank_to_node[r] not in listed}
+        return listed
+
+    def _readmit_returned_sites(self) -> None:
+        """At a phase boundary (faults.on_peer_loss=continue): a lost site whose SuperNode
+        came back (same key, so the same node id; same state dir) restores its committed
+        blocks, takes the blocks it missed from a live neighbour, and trains again; once
+        every site is back the original graph and W are used again."""
+        if self.cfg.faults.on_peer_loss != "continue" or not self.lost_at:
+            return
+        self.presence_checked = 0.0
+        listed = self._note_absent_sites()
+        rehearsed = {r for r, p in parse_fault_injection(self.cfg.faults.rejoin, "faults.rejoin")
+                     if p == self.phase}  # fmt: skip
+        back = [r for r in sorted(self.lost_at) if r in rehearsed
+                or (r in self.gone and self.rank_to_node[r] in listed)]  # fmt: skip
+        if not back:
+            return
+        request = self._common_request(f"rejoin{self.phase}")
+        try:
+            facts = self._send({self.rank_to_node[r]: request for r in back}, "query.rejoin")
+        except PhaseFailed as failure:
+            self.progress.note(f"rank(s) {back} are listed again but did not answer; trying "
+                               f"again at the next phase:\n{failure}")  # fmt: skip
+            return
+        healed = [r for nid, reply in sorted(facts.items())
+                  if self._heal_returned_site(r := self.rank_of[nid], reply)]  # fmt: skip
+        if not healed:
+            return
+        for rank in healed:
+            self.lost_at.pop(rank)
+            self.gone.discard(rank)
+        self.run_dir.log({"type": "rejoined", "phase": self.phase, "ranks": healed})
+        self._set_membership(with_members(self.membership, {*self.members, *healed},
+                                          self.graph, self.weights, self.cfg.topology.mixing))
+
+    def _heal_returned_site(self, rank: int, facts: dict[str, Any]) -> bool:
+        """Check what the returning site loaded, then heal it; False: it stays out."""
+        reference = self.site_facts
+        differ = [k for k in ("config_hash", "model_hash", "data_hash") if facts.get(k) !=
+                  reference.get(k)]  # fmt: skip
+        if differ:
+            self.run_dir.log({"type": "rejoin_refused", "phase": self.phase, "rank": rank,
+                              "differs": differ})  # fmt: skip
+            self.progress.note(f"rank {rank} is back but its {differ} differ from the run's: "
+                               "it stays out (restart it with the run's config and model)")
+            return False
+        # Its own commits from the phase it was lost in on are stale too (the others reran it).
+        since = min(int(facts.get("last_phase", -1)) + 1, self.lost_at[rank])
+        blocks = sorted({k for p, ks in self.checkpoint.phase_blocks.items() if int(p) >= since
+                         for k in ks})  # fmt: skip
+        donor = heal_donor(rank, self.membership, self.graph)
+        try:
+            replies = self._send(self._heal_requests(rank, donor, blocks), "train.heal")
+        except PhaseFailed as failure:
+            self.progress.note(f"healing rank {rank} failed; it stays out:\n{failure}")
+            return False
+        mine, theirs = replies[self.rank_to_node[rank]], replies[self.rank_to_node[donor]]
+        record = {"type": "heal", "phase": self.phase, "rank": rank, "from": donor,
+                  "blocks": blocks, "hashes": mine["hashes"], "donor_hashes": theirs["hashes"],
+                  "bytes_received": mine["bytes_received"], "time": time.time()}  # fmt: skip
+        self.run_dir.log(record)
+        if mine["hashes"] != theirs["hashes"]:
+            self.progress.note(f"rank {rank}'s healed blocks differ from rank {donor}'s: it "
+                               "stays out (see the heal record)")  # fmt: skip
+            return False
+        self.progress.note(f"rank {rank} is back: healed block(s) {blocks} from rank {donor} "
+                           f"(hashes {', '.join(mine['hashes']) or '-'})")  # fmt: skip
+        return True
+
+    def _heal_requests(self, rank: int, donor: int, blocks: list[int]) -> dict[int, dict]:
+        request = self._common_request(f"heal{self.phase}/rank{rank}")
+        request.update({"round": -1, "blocks": [], "steps": 0, "heal_blocks": blocks,
+                        "committed_phase": self.committed_phase})  # fmt: skip
+        return {
+            self.rank_to_node[r]: {**request, "heal_role": role, "group_rank": g,
+                                   "world_size": 2, "neighbours": [1 - g], "weights": [0.5],
+                                   "self_weight": 0.5}  # fmt: skip
+            for role, r, g in (("donor", donor, 0), ("receiver", rank, 1))
+        }
 
     def _set_membership(self, membership: Membership) -> None:
         self.membership = membership
@@ -713,6 +819,7 @@ class Coordinator:
                 if time.monotonic() - given_up_at > FAILED_PHASE_GRACE_S:
                     break
             if len(replies) < len(ids):
+                self._note_absent_sites()
                 time.sleep(REPLY_POLL_S)
         self._log_security_events(replies)
         failures = {

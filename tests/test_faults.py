@@ -344,3 +344,44 @@ def test_simulation_resumed_after_the_coordinator_stops_is_bit_identical(tmp_pat
     assert resumed.keys() == uninterrupted.keys() and len(resumed) > 0
     for key, tensor in uninterrupted.items():
         assert torch.equal(resumed[key], tensor), key
+
+
+def test_a_lost_site_that_comes_back_is_healed_as_the_engine_replays(tmp_path):
+    """Rank 1 fails phase 2 (index 1), the others go on; as phase 4 starts it is back: it
+    takes blocks 1 and 2 (trained without it) from its donor over the sealed data plane, and
+    the original W is used again. Every rank's final blocks equal the engine's replay, which
+    copies the donor's blocks in memory."""
+    from test_flower_app import finished_runs, flwr_run
+
+    faults = {"faults.inject": "1@1", "faults.rejoin": "1@3"}
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    proc = flwr_run(tmp_path / "sim", {**settings, **faults})
+    runs = finished_runs(tmp_path / "sim")
+    assert len(runs) == 1, proc.stdout[-5000:] + proc.stderr[-5000:]
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    (heal,) = [r for r in records if r["type"] == "heal"]
+    assert (heal["rank"], heal["phase"]) == (1, 3)
+    assert heal["hashes"] == heal["donor_hashes"] and len(heal["hashes"]) == len(heal["blocks"])
+    assert heal["bytes_received"] > 0
+    topology = next(r for r in records if r["type"] == "topology")
+    last = [r for r in records if r["type"] == "membership"][-1]
+    assert last["members"] == [0, 1, 2, 3] and last["mixing_matrix"] == topology["mixing_matrix"]
+    phases = [r for r in records if r["type"] == "phase"]
+    assert [p["members"] for p in phases] == [[0, 1, 2, 3], [0, 2, 3], [0, 2, 3], [0, 1, 2, 3]]
+
+    cfg = load_config(
+        {"model": "tiny"}, {**FAULT_SETTINGS, **faults, "output_dir": str(tmp_path / "engine")}
+    )
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    replay = engine.run().records
+    (engine_heal,) = [r for r in replay if r["type"] == "heal"]
+    assert (engine_heal["from"], engine_heal["blocks"]) == (heal["from"], heal["blocks"])
+    np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
+    run_id = next(r for r in records if r["type"] == "data")["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = tmp_path / "sim" / "state" / f"run-{run_id}" / f"node-{rank}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
