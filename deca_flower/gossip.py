@@ -536,6 +536,7 @@ class GossipGroup:
     def _init_process_group(self, store: dist.Store) -> None:
         if self.backend == "nccl":
             torch.cuda.set_device(self.device)
+        _reset_group_counter()
         try:
             dist.init_process_group(
                 self.backend,
@@ -668,12 +669,12 @@ class GossipGroup:
 
     def close(self) -> None:
         """Leave the group and free torch.distributed's default group for the next one."""
-        joined, self._joined, self._broken = self._joined, False, True
+        self._joined, self._broken = False, True
         self._buffers.clear()
         if self._links is not None:
             self._links.close()  # the group's keys die with it: the next group makes new ones
         self._store = None
-        if joined and dist.is_initialized():
+        if dist.is_initialized():  # ours (one group per process), even if joining failed
             dist.destroy_process_group()
             log.debug("rank %d left gossip group %s", self.rank, self.group_name)
 
@@ -989,3 +990,14 @@ class GossipGroup:
                 + ": local training diverged there; lower the learning rate, and with "
                 "a float16 wire (algorithm.wire_dtype=model on an fp16 model) check for overflow"
             )
+
+
+def _reset_group_counter() -> None:
+    """torch names the default group after a process-wide counter and prefixes Gloo's store
+    keys with that name. A failed init_process_group advances the counter but leaves no group
+    whose destruction would reset it, so a process that once failed to join (a dead peer)
+    would look for other keys than a fresh or luckier process, and never meet it again.
+    This process holds no group now: start from 0, as every other member does.
+    (torch.distributed keeps the counter in a private attribute.)"""
+    if not dist.is_initialized():
+        dist.distributed_c10d._world.group_count = 0

@@ -182,6 +182,35 @@ def test_survivors_of_a_killed_peer_regroup_and_mix_over_the_survivors(peers):  
 # ---------------------------------------------------------------------- the engine replays faults
 
 
+def scenario_failed_join_then_mix(rank: int, port: int, name: str, unlucky: int) -> dict:  # noqa: F811
+    """`unlucky` first fails to join a group (its peer never comes: Gloo's address exchange
+    times out, as when a neighbour dies between rendezvous and connect); then all mix."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from test_gossip import scenario_ring_mix
+
+    if rank == unlucky:
+        store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=10))
+        try:
+            dist.init_process_group("gloo", store=dist.PrefixStore(f"{name}/dead", store),
+                                    rank=0, world_size=2, timeout=timedelta(seconds=2))  # fmt: skip
+        except (RuntimeError, dist.DistError):
+            pass
+        assert not dist.is_initialized()
+    return scenario_ring_mix(rank, port, name)
+
+
+def test_a_peer_that_once_failed_to_join_meets_the_others_again(peers):  # noqa: F811
+    """torch names a process's default group after a counter that a failed join advances;
+    the failed peer (a survivor of a dead neighbour, or a donor) must still meet fresh ones."""
+    res = peers.run(scenario_failed_join_then_mix, name=unique("after-failed-join"), unlucky=2)
+    for rank in range(WORLD):
+        status, value, _ = res[rank]
+        assert status == "ok", value
+        assert not value["initialized_after_close"]
+
+
 def test_engine_goes_on_without_an_injected_rank(make_config):
     cfg = make_config(num_clients=4, topology="er", **{"topology.p": 0.6, "faults.inject": "1@2"})
     torch.set_num_threads(1)

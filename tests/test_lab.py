@@ -318,31 +318,48 @@ def test_docs_certificate_commands_make_what_flower_accepts(tmp_path):
 
 
 @needs_namespaces
-def test_lab_goes_on_without_a_killed_site_as_the_engine_replays(tmp_path):
-    from test_faults import FAULT_SETTINGS, _engine_replay, _losses
+def test_lab_goes_on_without_a_killed_site_then_heals_it_as_the_engine_replays(tmp_path):
+    """SIGKILL site 2 (rank 1) as phase 2 starts and start it again (same key, same state
+    dir) as soon as Flower lets it: the others go on without it, then it rejoins, heals from
+    a neighbour and trains again. Every site's final blocks equal the engine replaying the
+    same loss and return."""
+    from test_faults import FAULT_SETTINGS, _losses
 
-    settings = {k: v for k, v in FAULT_SETTINGS.items() if k not in ("num_clients",)}
-    settings["gossip.timeout_s"] = 15
-    overrides = " ".join(f"{k}={v}" for k, v in settings.items())
+    # Enough phases (at least ~3 s each: Flower's polling) that the run outlasts the 60 s
+    # Flower needs to see the killed SuperNode offline before it may come back.
+    settings = {**FAULT_SETTINGS, "train.rounds": 10, "eval.every_rounds": 10,
+                "gossip.timeout_s": 15}  # fmt: skip
+    overrides = " ".join(f"{k}={v}" for k, v in settings.items() if k != "num_clients")
     work = tmp_path / "work"
     # Site 2 is rank 1: on this ER graph the other three stay connected without it.
     proc = run_lab_subprocess(
-        tmp_path, "--sites", "4", "--work-dir", str(work), "--kill", "2@2", "--timeout", "600",
-        "--run-config", f'preset-model="tiny" overrides="{overrides}"',
+        tmp_path, "--sites", "4", "--work-dir", str(work), "--kill", "2@2", "--timeout", "900",
+        "--restart-after", "1", "--run-config", f'preset-model="tiny" overrides="{overrides}"',
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    assert "killed site2" in proc.stdout
+    assert "killed site2" in proc.stdout and "restarted site2" in proc.stdout
     out = Path(proc.stdout.strip().splitlines()[-1])
     records = read_metrics(out / "metrics.jsonl")
     faults = [r for r in records if r["type"] == "fault"]
-    assert faults and faults[-1]["lost_ranks"] == [1]
-    assert "Timeline" in (out / "summary.md").read_text()
-    # The survivors' losses and final blocks equal the engine replaying the same loss
-    # (rank 1 gone from phase index 1, the lab's "phase 2").
-    engine, replay = _engine_replay(tmp_path / "engine", FAULT_SETTINGS, "1@1")
+    assert faults and faults[-1]["lost_ranks"] == [1] and faults[-1]["phase"] == 1
+    (heal,) = [r for r in records if r["type"] == "heal"]
+    assert heal["rank"] == 1 and heal["hashes"] == heal["donor_hashes"]
+    summary = (out / "summary.md").read_text()
+    assert "Timeline" in summary and "healed block(s)" in summary
+    # The engine replays the same loss (phase index 1, the lab's "phase 2") and return.
+    cfg = load_config(
+        {"model": "tiny"},
+        {**settings, "faults.inject": "1@1", "faults.rejoin": f"1@{heal['phase']}",
+         "output_dir": str(tmp_path / "engine")},
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    replay = engine.run().records
+    (engine_heal,) = [r for r in replay if r["type"] == "heal"]
+    assert (engine_heal["from"], engine_heal["blocks"]) == (heal["from"], heal["blocks"])
     np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
     run_id = json.loads((out / "lab" / "lab.json").read_text())["run_id"]
-    assert_sites_hold_engine_blocks(work, run_id, engine, [0, 2, 3])
+    assert_sites_hold_engine_blocks(work, run_id, engine, range(4))
 
 
 def test_the_app_bundle_ships_only_code_and_presets(tmp_path):
