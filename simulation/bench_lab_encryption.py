@@ -44,6 +44,7 @@ def lab_run(mode: str, args: argparse.Namespace, work: Path, index: int) -> Path
         "train.rounds=1",
         f"train.steps_per_block={args.steps_per_block}",
         "eval.zero_shot=false",
+        "eval.average_model=false",  # its all-reduce would dominate the bytes per step
         f"eval.max_examples_per_client={args.eval_examples}",
         *args.override,
     ]

@@ -70,9 +70,9 @@ class Intruder:
     def poll(self, text: str) -> None:
         done = [(int(m.group(1)), int(m.group(2))) for m in _DONE.finditer(text)]
         d, total = max(done, default=(0, 0))
-        tags = ([f"phase{d}/epoch0/attempt0"] if not total or d < total else []) + [
-            f"eval{e}" for e in (d, d + 1) if e >= 1
-        ]
+        # The groups that come next (deployment: one phase per round, eval<t> after round t).
+        tags = [f"phase{d}/epoch0/attempt0"] if not total or d < total else []
+        tags += [f"eval{e}" for e in (d, d + 1) if 1 <= e <= (total or e)]
         for group in map(self.group, tags):
             self._before_join(group)
             self._maybe_started(group)
@@ -189,7 +189,8 @@ def summary_lines(intrusions: list[dict[str, Any]], security: list[dict[str, Any
             hits = [k for k in i["keys"] if k in rejected]
             lines.append(
                 f"- claim rank {target}: {len(i['keys'])} forged store values, "
-                f"{len(hits)} read and rejected by members (store-hmac), the rest overwritten"
+                f"{len(hits)} read and rejected by members (store-hmac), all replaced by the "
+                "members' own"
             )
         elif what == REPLAY and "written" in i:
             hits = [k for k in i["written"] if k in rejected]
