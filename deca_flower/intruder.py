@@ -129,7 +129,7 @@ def replay_store_entries(
     return _attempt(
         "replay a captured payload",
         f"{to_group} rank {rank}",
-        payload="a member's authenticated store entries",
+        content="a member's authenticated store entries",
         captured=captured,
         written=written,
     )

@@ -119,6 +119,7 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
 
     # 2. Every attack was tried and rejected: forged store values are security records
     #    (and summary lines); raw bytes to a Gloo port never became a block.
+    assert lab["intruder_returncode"] == 0, (out / "lab" / "intruder.log").read_text()[-3000:]
     intrusions = [json.loads(line) for line in (out / "lab" / "intrusions.jsonl").open()]
     assert any(i["what"] == "claim rank" for i in intrusions)
     security = [r for r in records if r["type"] == "security"]

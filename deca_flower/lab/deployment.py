@@ -330,10 +330,14 @@ class Lab:
 
     def _stop_intruder(self) -> None:
         """Let the intruder write its last record (it stops when the run is done)."""
+        popen = self.processes.started["intruder"].popen
         try:
-            self.processes.started["intruder"].popen.wait(timeout=15)
+            popen.wait(timeout=30)
         except Exception:  # noqa: BLE001 - still running: stop it
             self.processes.stop("intruder")
+        self.record["intruder_returncode"] = popen.returncode
+        if popen.returncode != 0:
+            self.say(f"the intruder exited with {popen.returncode}; see lab/intruder.log")
 
     def _report_intrusions(self, out: Path) -> None:
         """The intruder's attempts and what stopped each, as a section of summary.md."""

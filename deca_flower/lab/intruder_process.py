@@ -24,6 +24,8 @@ import argparse
 import json
 import os
 import re
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,7 @@ class Intruder:
 
     def _addresses(self, group: str, members_only: bool = False) -> dict[int, tuple[str, int]]:
         try:
-            found = gloo_addresses(self.args.store_host, self.port, group, self.args.world, 5)
+            found = gloo_addresses(self.args.store_host, self.port, group, self.args.world, 2)
         except Exception:  # noqa: BLE001 - the group may not exist yet
             return {}
         return {r: a for r, a in found.items() if r != 0} if members_only else found
@@ -122,7 +124,7 @@ class Intruder:
                 self.record(
                     send_raw(
                         host, gloo_port, segment.payload, what=REPLAY, group=group, rank=rank,
-                        payload="sealed block bytes captured on the wire between two sites",
+                        content="sealed block bytes captured on the wire between two sites",
                         captured=segment.flow, captured_in=self.stages[segment.stage],
                     )
                 )  # fmt: skip
@@ -144,17 +146,19 @@ class Intruder:
 
 
 def follow(args: argparse.Namespace) -> None:
+    # Stopped by the lab: still write the last record (what it eavesdropped).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     deadline = time.monotonic() + args.timeout
     intruder = None
     try:
         while time.monotonic() < deadline:
             text = args.run_log.read_text(errors="replace") if args.run_log.exists() else ""
+            if "done:" in text or "CoordinatorError" in text:
+                return  # the store is gone with the run: polling it would only time out
             if intruder is None and (m := _PORT.search(text)):
                 intruder = Intruder(args, int(m.group(1)))
             if intruder is not None:
                 intruder.poll(text)
-            if "done:" in text or "CoordinatorError" in text:
-                return
             time.sleep(0.3)
     finally:
         if intruder is not None:
