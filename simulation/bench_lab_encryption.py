@@ -11,10 +11,12 @@ machine's load hits both alike. Per mode it prints, from the run's own records:
 - seconds per step: the phase's wall time (as the coordinator measured it) over its steps,
   and the training and communication seconds per step the nodes report (mean over sites);
 - the communication share of the phase;
-- payload bytes per site and step (what each site handed to Gloo, `bytes_sent` of the phase
-  records) and bytes on the wire per site and step (what the hub side of each site's veth
-  received during the run: every frame the site sent, TCP/IP headers, Flower's TLS traffic
-  and the store's included).
+- payload bytes per site and step (the block bytes each site sent, `bytes_sent` of the
+  phase records: the 16-byte tags are not counted) and bytes on the wire per site and step
+  (what the hub side of each site's veth received during the run: every frame the site
+  sent, tags, TCP/IP headers, Flower's TLS traffic and the store's included). The
+  evaluation's parameter average is off (`eval.average_model=false`): its all-reduce is not a
+  step's traffic.
 
 Results: `<out>/bench_lab_encryption.{jsonl,md}`.
 """
