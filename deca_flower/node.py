@@ -253,7 +253,7 @@ class Node:
                 plan, score_average, group
             )
         out.update(averaged)
-        return out
+        return _with_security_events(out, group)
 
     def _put(self, out: dict[str, Any], prefix: str, texts: list[str]) -> None:
         out[f"{prefix}predictions"], out[f"{prefix}ll_predictions"] = self._score(texts)
@@ -270,7 +270,7 @@ class Node:
             out["average_metrics"], out["squared_distance"] = self._with_average_model(
                 plan, score, group
             )
-        return out
+        return _with_security_events(out, group)
 
     def _with_average_model(
         self, plan: PhasePlan, score: Callable[[], Any], group: GossipGroup
@@ -364,6 +364,13 @@ def _phase_diagnostics(per_block: list[dict[str, Any]]) -> dict[str, float]:
         pairs = [(b["steps"], b[key]) for b in per_block if b[key] is not None]
         if pairs:
             out[key] = sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
+    return out
+
+
+def _with_security_events(out: dict[str, Any], group: GossipGroup) -> dict[str, Any]:
+    """Rejections an evaluation group outlived (e.g. a replayed store entry): report them."""
+    if group.events:
+        out["security_events"] = [json.dumps(e) for e in group.events]
     return out
 
 
