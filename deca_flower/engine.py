@@ -16,29 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
 from deca_flower.config import ConfigError, parse_fault_injection, to_yaml
-from deca_flower.data import label_counts, plot_label_distribution
-from deca_flower.decaf import decaf_mix, lora_layout
-from deca_flower.evaluation import (
-    eval_record,
-    global_test_record,
-    pooled_metrics,
-    score_labels,
-)
-from deca_flower.generation import (
-    GENERATION_METRICS,
-    generation_metrics,
-    is_generation_task,
-    load_judge,
-)
 from deca_flower.heal import block_hash
 from deca_flower.membership import full_membership, heal_donor, with_members, without
 from deca_flower.methods import get_method, steps_per_phase
+from deca_flower.mixing import mix_blocks  # noqa: F401  (engine.mix_blocks: its old home)
 from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
@@ -56,28 +42,13 @@ from deca_flower.task import (
     clone_sharing_frozen,
     load_base_model,
     make_partition,
-    make_pooled_stream,
     make_stream,
     prepare_data,
     resolve_device,
     wire_dtype,
 )
+from deca_flower.task_kinds import make_task
 from deca_flower.topology import describe
-
-
-def mix_blocks(weights: torch.Tensor, blocks: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
-    """Eq (7) for all clients at once: row i is sum_j w_ij x_j.
-
-    Neighbours' blocks go through the wire dtype (as they would over the
-    network); a client's own block does not.
-    """
-    w = weights.to(device=blocks.device, dtype=torch.float32)
-    if wire == torch.float32:
-        return w @ blocks
-    self_weight = torch.diagonal(w).clone()
-    off_diagonal = w - torch.diag(self_weight)
-    received = blocks.to(wire).to(torch.float32)
-    return off_diagonal @ received + self_weight[:, None] * blocks
 
 
 @dataclass
@@ -104,22 +75,17 @@ class Engine:
         self.graph, self.weights = build_topology(cfg)
         self.run_data: RunData = prepare_data(cfg)
         self.method = get_method(cfg)
-        self.generation = is_generation_task(cfg.data.name)
-        self.judge = load_judge(cfg.eval.judge)
+        self.task = make_task(cfg)
         self.peers = self._build_peers()
         self.steps = steps_per_phase(cfg, self.peers[0].model)
         self.wire = wire_dtype(cfg)
-        if self.method.mixing == "tsvd":
-            first = self.peers[0]
-            self.lora_layout = lora_layout(
-                [(n, p.shape) for n, p in first.partition.named_parameters(0)]
-            )
+        self.mixer = self.method.mixer(self.peers[0].partition)
         self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name, cfg)
         self.progress = Progress(self.total_phases)
         # faults.inject replays lost sites: from that phase on the run goes on without them,
         # with W rebuilt on the survivors, as the coordinator does (faults.on_peer_loss).
         self.membership = full_membership(self.graph, self.weights)
-        self.injected = parse_fault_injection(cfg.faults.inject)
+        self.injected = self.method.faults_to_replay(parse_fault_injection(cfg.faults.inject))
         self.rejoins = parse_fault_injection(cfg.faults.rejoin, "faults.rejoin")
         self.lost_at: dict[int, int] = {}
         self.phase_blocks: list[int] = []  # the block each phase trained
@@ -136,14 +102,11 @@ class Engine:
     def _build_peers(self) -> list[Peer]:
         base, self.tokenizer = load_base_model(self.cfg, self.device)
         base_partition = make_partition(self.cfg, base)
-        if self.method.pooled_data:
-            stream = make_pooled_stream(self.cfg, self.run_data, self.tokenizer)
-            return [Peer(0, base, base_partition, stream, self.cfg)]
         peers = []
-        for rank in range(self.cfg.num_clients):
+        for rank, clients in enumerate(self.method.training_sets(self.cfg.num_clients)):
             model = base if rank == 0 else clone_sharing_frozen(base, base_partition)
             partition = base_partition if rank == 0 else make_partition(self.cfg, model)
-            stream = make_stream(self.cfg, rank, self.run_data, self.tokenizer)
+            stream = make_stream(self.cfg, rank, self.run_data, self.tokenizer, clients)
             peers.append(Peer(rank, model, partition, stream, self.cfg))
         return peers
 
@@ -173,11 +136,12 @@ class Engine:
 
     @property
     def members(self) -> list[int]:
-        return [0] if self.method.pooled_data else list(self.membership.members)
+        """The ranks of the models that train now (one model on pooled data: rank 0)."""
+        return [p.rank for p in self.peers if p.rank in self.membership.members]
 
     def _apply_injected_faults(self) -> None:
         lost = {r for r, p in self.injected if p == self.phase and r in self.members}
-        if not lost or self.method.pooled_data:
+        if not lost:
             return
         faults = self.cfg.faults
         self.membership = without(
@@ -262,29 +226,11 @@ class Engine:
 
     def _mix(self) -> None:
         """Eq (7) (or the method's replacement for it), in place on every peer's block."""
-        peers = self.peers
-        if self.method.mixing == "none":
-            return
-        members = self.members
-        if self.method.mixing == "average":
-            # Rows and columns of lost sites are 0 in W: they neither send nor receive.
-            weights = self.membership.weights
-            active = peers[members[0]].block
-            blocks = [p.block if p.rank in members else torch.zeros_like(active) for p in peers]
-            mixed = mix_blocks(weights, torch.stack(blocks), self.wire)
-        else:
-            mixed = {i: self._decaf_row(i) for i in members}
-        for i in members:
-            peers[i].block.copy_(mixed[i])
-
-    def _decaf_row(self, i: int) -> torch.Tensor:
-        row = self.membership.weights[i]
-        ranks = [j for j in range(len(self.peers)) if row[j] > 0]
-        blocks = {
-            j: self.peers[j].block if j == i else self.peers[j].block.to(self.wire).float()
-            for j in ranks
-        }
-        return decaf_mix(blocks, {j: float(row[j]) for j in ranks}, self.lora_layout)
+        # Rows and columns of lost sites are 0 in W: they neither send nor receive.
+        blocks = {i: self.peers[i].block for i in self.members}
+        mixed = self.mixer.mix_in_process(self.membership.weights, blocks, self.wire)
+        for i, block in mixed.items():
+            self.peers[i].block.copy_(block)
 
     # ------------------------------------------------------------------ logging
 
@@ -300,13 +246,11 @@ class Engine:
                 **(self.run_data.split or {}),
             }
         )
-        if not self.generation:  # instruction data has no labels
-            plot_label_distribution(
-                [c.train for c in self.run_data.clients],
-                self.run_dir.path / "label_distribution.png",
-                label_names=list(self.run_data.task.verbalizers),
-                split=self.run_data.split,
-            )
+        self.task.plot_label_distribution(
+            [c.train for c in self.run_data.clients],
+            self.run_dir.path / "label_distribution.png",
+            self.run_data.split,
+        )
         self.progress.note(
             f"{self.method.description}; {self.cfg.num_clients} clients on a {info['name']} "
             f"graph (spectral gap {info['spectral_gap']:.3f}), {self.num_blocks} blocks x "
@@ -343,20 +287,18 @@ class Engine:
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, round_idx: int) -> dict[str, Any]:
-        if self.generation:
-            return self._evaluate_generation(round_idx)
         limit = self.cfg.eval.max_examples_per_client
-        slices = [self.run_data.eval_slice(i, limit) for i in range(self.cfg.num_clients)]
+        slices = [self.run_data.test_rows(i, limit) for i in range(self.cfg.num_clients)]
         one_model = round_idx == -1 or len(self.peers) == 1  # one model for all test sets
         avg_model = None
         if not one_model and self.cfg.eval.average_model:
             avg_model = self._average_model()
-        record = self._classification_record(round_idx, slices, one_model, avg_model)
+        record = self._record(round_idx, slices, one_model, avg_model)
         if round_idx >= 0:
             record["consensus_distance"] = consensus_distance(self.peers)
         if self.run_data.validation is not None:
-            val = [self.run_data.validation_slice(i, limit) for i in range(self.cfg.num_clients)]
-            part = self._classification_record(round_idx, val, one_model, avg_model)
+            val = [self.run_data.validation_rows(i, limit) for i in range(self.cfg.num_clients)]
+            part = self._record(round_idx, val, one_model, avg_model)
             record["validation"] = {k: part[k] for k in ("clients", "client_mean", "average")
                                     if k in part}  # fmt: skip
         if self.run_data.global_test is not None:
@@ -366,87 +308,28 @@ class Engine:
         self.progress.note(format_eval(record))
         return record
 
-    def _classification_record(self, round_idx, slices, one_model, avg_model) -> dict[str, Any]:
-        """Generated and likelihood labels of every client's model on its own slice, and of
-        the parameter average on all of them (metrics pooled)."""
-        num_labels = len(self.run_data.task.verbalizers)
+    def _record(self, round_idx, slices, one_model, avg_model) -> dict[str, Any]:
+        """Every client's model on its own slice, and the parameter average on all of them
+        (metrics pooled)."""
+        task, tokenizer = self.task, self.tokenizer
         models = [self.peers[0 if one_model else i].model for i in range(len(slices))]
-        scored = [self._score(m, texts) for m, (texts, _) in zip(models, slices)]
-        labels = [y for _, y in slices]
-        preds, ll = [s[0] for s in scored], [s[1] for s in scored]
-        record = eval_record(round_idx, labels, preds, num_labels, ll, self.train_counts)
-        if avg_model is not None:
-            avg = [self._score(avg_model, texts) for texts, _ in slices]
-            avg_preds, avg_ll = [a[0] for a in avg], [a[1] for a in avg]
-            record["average"] = pooled_metrics(labels, avg_preds, num_labels, avg_ll,
-                                               self.train_counts)  # fmt: skip
-            record["average_predictions"] = avg_preds
-            record["average_ll_predictions"] = avg_ll
-        return record
+        clients = [{**task.score(m, tokenizer, rows), **task.truth(rows)}
+                   for m, rows in zip(models, slices)]  # fmt: skip
+        average = None if avg_model is None else task.score_union(avg_model, tokenizer, slices)
+        return task.pool(round_idx, clients, average, self.train_counts)
 
     def _global_test(self, one_model: bool, avg_model) -> dict[str, Any]:
-        texts, labels = self.run_data.global_slice()
-        n = self.cfg.num_clients
+        rows, n = self.run_data.global_test, self.cfg.num_clients
         if one_model:
-            scored = [self._score(self.peers[0].model, texts)] * n
+            scored = [self.task.score(self.peers[0].model, self.tokenizer, rows)] * n
         else:
-            scored = [self._score(p.model, texts) for p in self.peers]
-        average = None if avg_model is None else self._score(avg_model, texts)
-        num_labels = len(self.run_data.task.verbalizers)
-        return global_test_record(labels, [s[0] for s in scored], [s[1] for s in scored],
-                                  average, num_labels, self.train_counts)  # fmt: skip
+            scored = [self.task.score(p.model, self.tokenizer, rows) for p in self.peers]
+        average = None if avg_model is None else self.task.score(avg_model, self.tokenizer, rows)
+        return self.task.global_record(self.task.truth(rows), scored, average, self.train_counts)
 
     @property
     def train_counts(self) -> list[list[int]]:
-        num_labels = len(self.run_data.task.verbalizers)
-        return label_counts([c.train for c in self.run_data.clients], "label", num_labels)
-
-    def _evaluate_generation(self, round_idx: int) -> dict[str, Any]:
-        """Perplexity and ROUGE-L per client on its local test split (instruction tuning)."""
-        cfg = self.cfg
-        tests = [
-            c.test.select(range(min(cfg.eval.max_examples_per_client, len(c.test))))
-            for c in self.run_data.clients
-        ]
-        one_model = round_idx == -1 or len(self.peers) == 1
-        models = [self.peers[0 if one_model else i].model for i in range(cfg.num_clients)]
-        per_client = [self._generation_metrics(m, test) for m, test in zip(models, tests)]
-        record: dict[str, Any] = {
-            "type": "eval",
-            "task": "generation",
-            "round": round_idx,
-            "clients": per_client,
-            "client_mean": {
-                k: _mean([m[k] for m in per_client])
-                for k in GENERATION_METRICS
-                if k in per_client[0]
-            },
-        }
-        if round_idx >= 0:
-            record["consensus_distance"] = consensus_distance(self.peers)
-            if cfg.eval.average_model and len(self.peers) > 1:
-                avg_model = self._average_model()
-                pooled = datasets.concatenate_datasets(tests)
-                record["average"] = self._generation_metrics(avg_model, pooled)
-                del avg_model
-        self.run_dir.log(record)
-        self.progress.note(format_eval(record))
-        return record
-
-    def _generation_metrics(self, model, test) -> dict[str, float]:
-        return generation_metrics(
-            model,
-            self.tokenizer,
-            test,
-            max_length=self.cfg.data.max_length,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            batch_size=self.cfg.eval.batch_size,
-            judge=self.judge,
-        )
-
-    def _score(self, model, texts: Sequence[str]) -> tuple[list[int], list[int]]:
-        """(generated labels, likelihood labels) of `model` on `texts`."""
-        return score_labels(model, self.tokenizer, self.run_data.task, texts, self.cfg)
+        return [self.task.label_counts(c.train) for c in self.run_data.clients]
 
     def _average_model(self):
         first = self.peers[0]
@@ -473,18 +356,13 @@ class Engine:
     def _finish(self) -> EngineResult:
         records = read_metrics(self.run_dir.metrics_path)
         self.run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
-        labels = None if self.generation else list(self.run_data.task.verbalizers)
-        plot_run(records, self.run_dir.path, labels)
+        plot_run(records, self.run_dir.path, self.task.label_names)
         out = self.run_dir.finish()
         self.progress.note(f"done: {out}/summary.md")
         return EngineResult(out, records, self.peers)
 
 
 # ---------------------------------------------------------------------- shared helpers
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def consensus_distance(peers: Sequence[Peer]) -> float:

@@ -14,6 +14,14 @@ reply (``security_events``, JSON strings) and inside the error of a failed phase
 - :func:`gloo_addresses` + :func:`send_raw`: read the peers' Gloo listening addresses from the
   store (values are authenticated, not secret) and send bytes to one. Gloo pairs only the
   connections of its own rendezvous; anything else is dropped before any block buffer.
+- :func:`replay_store_entries`: copy a member's authenticated claim and row of W from an
+  earlier group into a later one before that member joins it. The MAC binds the group name,
+  so members reject the copy (HMAC) and the member's own write replaces it.
+- :class:`WireSniffer`: record the TCP payloads two *other* hosts exchange, on a link where
+  this host sees every frame (the lab's bridge forwards like a hub for this): the sealed
+  block bytes an eavesdropper captures, for replaying to a member's Gloo port later
+  (:func:`send_raw`). An off-path host cannot write into the members' established Gloo
+  connections, so the replay arrives on a fresh connection, which Gloo never pairs.
 - :class:`CaptureTap` / :class:`ReplayTap`: play an on-path attacker: capture the sealed chunks
   a sender hands to Gloo and replay them later (another step or phase). Pass as
   ``GossipGroup(tap=...)`` in a lab node only. The receiver rejects the replay (AEAD) and
@@ -27,7 +35,9 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -36,7 +46,16 @@ import torch.distributed as dist
 from deca_flower.gossip import WireChunk
 from deca_flower.secure_channel import AuthenticatedStore
 
-__all__ = ["CaptureTap", "ReplayTap", "claim_rank", "gloo_addresses", "send_raw"]
+__all__ = [
+    "CaptureTap",
+    "ReplayTap",
+    "Segment",
+    "WireSniffer",
+    "claim_rank",
+    "gloo_addresses",
+    "replay_store_entries",
+    "send_raw",
+]
 
 _STORE_NS = "deca-gossip"
 
@@ -84,6 +103,38 @@ def claim_rank(
     )
 
 
+def replay_store_entries(
+    store_host: str,
+    store_port: int,
+    from_group: str,
+    to_group: str,
+    rank: int,
+    *,
+    timeout_s: float = 10,
+) -> dict[str, Any]:
+    """Replay ``rank``'s authenticated claim and row of W (captured from ``from_group``, where
+    the member wrote them) into ``to_group``. Written only where the key is still absent, so
+    a member's own value is never overwritten. Returns the attempt record; ``written`` lists
+    the keys the replay got into before the member."""
+    src = _store(store_host, store_port, from_group, timeout_s)
+    dst = _store(store_host, store_port, to_group, timeout_s)
+    captured, written = [], []
+    for key in (f"{_STORE_NS}/claim/{rank}", f"{_STORE_NS}/join/{rank}"):
+        if not src.check([key]):
+            continue
+        raw = bytes(src.get(key))
+        captured.append(f"{from_group}/{key}")
+        if bytes(dst.compare_set(key, "", raw)) == raw:
+            written.append(f"{to_group}/{key}")
+    return _attempt(
+        "replay a captured payload",
+        f"{to_group} rank {rank}",
+        content="a member's authenticated store entries",
+        captured=captured,
+        written=written,
+    )
+
+
 def gloo_addresses(
     store_host: str, store_port: int, group_name: str, world_size: int, timeout_s: float = 10
 ) -> dict[int, tuple[str, int]]:
@@ -113,13 +164,20 @@ def _sockaddr_in(blob: bytes) -> tuple[str, int] | None:
     return None
 
 
-def send_raw(host: str, port: int, payload: bytes, timeout_s: float = 5) -> dict[str, Any]:
+def send_raw(
+    host: str,
+    port: int,
+    payload: bytes,
+    timeout_s: float = 5,
+    what: str = "send a block to a Gloo port",
+    **extra: Any,
+) -> dict[str, Any]:
     """Connect to a peer's Gloo port and send ``payload`` (e.g. a block or a captured chunk).
 
     Returns the attempt record with what the socket saw: whether the connection was
     accepted, how many bytes went out, and whether the peer closed it.
     """
-    record = _attempt("send a block to a Gloo port", f"{host}:{port}", bytes=len(payload))
+    record = _attempt(what, f"{host}:{port}", bytes=len(payload), **extra)
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             record["connected"] = True
@@ -133,6 +191,104 @@ def send_raw(host: str, port: int, payload: bytes, timeout_s: float = 5) -> dict
         record.update(connected=record.get("connected", False), error=str(exc))
     record["at"] = time.time()
     return record
+
+
+@dataclass
+class Segment:
+    """One captured TCP segment's payload, with its flow and the stage (group) it was seen in."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    seq: int
+    payload: bytes
+    stage: int
+
+    @property
+    def flow(self) -> str:
+        return f"{self.src}:{self.sport} -> {self.dst}:{self.dport}"
+
+
+_ETH_P_ALL = 0x0003
+_ETH_IPV4 = b"\x08\x00"
+
+
+class WireSniffer:
+    """Capture the TCP payloads between two hosts other than ``ignore`` on ``interface``
+    (an ``AF_PACKET`` socket: root). ``stage`` labels what is captured from now on (the
+    caller counts the run's groups).
+
+    Keeps at most ``max_bytes`` of payload. Sees other hosts' traffic only where the link
+    delivers it here: a hub, a mirror port, a shared medium (the lab floods its bridge).
+    """
+
+    def __init__(self, interface: str, ignore: set[str], max_bytes: int = 64 << 20) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+        # A large buffer: a Python reader falls behind Gloo's bursts on a loaded host.
+        force = getattr(socket, "SO_RCVBUFFORCE", 33)
+        self.sock.setsockopt(socket.SOL_SOCKET, force, 32 << 20)
+        self.sock.bind((interface, 0))
+        self.sock.settimeout(0.5)
+        self.ignore, self.max_bytes = set(ignore), max_bytes
+        self.segments: list[Segment] = []
+        self.bytes = 0
+        self.stage = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> WireSniffer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.sock.recv(1 << 17)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            segment = _tcp_segment(frame, self.stage)
+            if segment is None or not segment.payload:
+                continue
+            if {segment.src, segment.dst} & self.ignore or self.bytes >= self.max_bytes:
+                continue
+            self.segments.append(segment)
+            self.bytes += len(segment.payload)
+
+    def pick(self, dst: str, before_stage: int) -> Segment | None:
+        """The largest payload captured towards ``dst`` in a stage before ``before_stage``."""
+        found = [s for s in self.segments if s.dst == dst and s.stage < before_stage]
+        return max(found, key=lambda s: len(s.payload), default=None)
+
+    def flows(self) -> dict[str, int]:
+        """Payload bytes captured per flow."""
+        out: dict[str, int] = {}
+        for s in self.segments:
+            out[s.flow] = out.get(s.flow, 0) + len(s.payload)
+        return out
+
+
+def _tcp_segment(frame: bytes, stage: int) -> Segment | None:
+    """Parse Ethernet II + IPv4 + TCP; None for anything else."""
+    if len(frame) < 54 or frame[12:14] != _ETH_IPV4:
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    if ip[9] != 6 or len(ip) < ihl + 20:
+        return None
+    total = struct.unpack(">H", ip[2:4])[0] or len(ip)  # 0 in some offloaded frames
+    tcp = ip[ihl:total]
+    sport, dport, seq = struct.unpack(">HHI", tcp[:8])
+    payload = bytes(tcp[(tcp[12] >> 4) * 4 :])
+    src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+    return Segment(src, sport, dst, dport, seq, payload, stage)
 
 
 class CaptureTap:

@@ -30,6 +30,11 @@ from deca_flower.adapters import (
     is_lora_parameter,
 )
 from deca_flower.blocks import BlockPartition, find_decoder_layers
+from deca_flower.mixing import MIXINGS, Mixing
+
+
+class MethodError(ValueError):
+    """The method cannot run where it was asked to; the message names the alternative."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,30 @@ class Method:
     @property
     def uses_bma(self) -> bool:
         return self.name == "deca"
+
+    def mixer(self, partition: BlockPartition | AdapterPartition) -> Mixing:
+        """The method's mixing rule, for blocks of `partition`."""
+        return MIXINGS[self.mixing](partition)
+
+    def training_sets(self, num_clients: int) -> list[list[int]]:
+        """Per model the run trains, the clients whose training data it learns from."""
+        if self.pooled_data:
+            return [list(range(num_clients))]
+        return [[rank] for rank in range(num_clients)]
+
+    def faults_to_replay(self, injected: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """The (rank, phase) site losses of faults.inject that this method replays: none
+        for one model on the pooled data, which is no site's."""
+        return set() if self.pooled_data else injected
+
+    def check_deployable(self) -> None:
+        """Raise MethodError if no decentralized deployment can run this method."""
+        if self.pooled_data:
+            raise MethodError(
+                f"algorithm.method={self.name} trains one model on pooled data, the reference "
+                "no decentralized deployment can run; use the in-process engine: "
+                f"`deca-flower engine algorithm={self.name}`"
+            )
 
 
 METHODS: dict[str, Method] = {

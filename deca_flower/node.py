@@ -9,7 +9,6 @@ memory so that Ray actors serving the same node again reload nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import shutil
@@ -23,9 +22,6 @@ import torch
 from omegaconf import DictConfig
 
 from deca_flower.config import to_yaml
-from deca_flower.decaf import decaf_mix, lora_layout
-from deca_flower.evaluation import score_labels
-from deca_flower.generation import generation_metrics, is_generation_task, load_judge
 from deca_flower.gossip import GossipGroup
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.optim import STEP_DIAGNOSTICS
@@ -42,6 +38,7 @@ from deca_flower.task import (
     resolve_device,
     wire_dtype,
 )
+from deca_flower.task_kinds import make_task
 
 
 @dataclass
@@ -88,12 +85,8 @@ class Node:
         self.peer = Peer(rank, model, partition, stream, cfg)
         self.method = get_method(cfg)
         self.steps_per_phase = steps_per_phase(cfg, model)
-        self.lora_layout = (
-            lora_layout([(n, p.shape) for n, p in partition.named_parameters(0)])
-            if self.method.mixing == "tsvd"
-            else None
-        )
-        self.judge = load_judge(cfg.eval.judge)
+        self.mixer = self.method.mixer(partition)
+        self.task = make_task(cfg)
         self.broken = False
         self.last_phase = -1
         # Of the base model, before any committed block is restored into it: a resumed or
@@ -174,25 +167,12 @@ class Node:
     def _inner_step(self, group: GossipGroup, k: int, stats: dict[str, Any]) -> None:
         result = self.peer.local_step()
         t0 = time.perf_counter()
-        self._mix(group, k)
+        self.mixer.mix_on_node(group, self.peer.block, k)  # eq (7) or the method's rule
         stats["communication_s"] += time.perf_counter() - t0
         stats["optimizer_s"] += result.optimizer_s + self.peer.consensus_update()
         stats["forward_s"] += result.forward_s
         stats["backward_s"] += result.backward_s
         stats["loss"].append(result.loss)
-
-    def _mix(self, group: GossipGroup, k: int) -> None:
-        """Eq (7) over the gossip group, or the method's replacement for it."""
-        block = self.peer.block
-        if self.method.mixing == "none":
-            return
-        if self.method.mixing == "average":
-            block.copy_(group.mix(block, block_id=k))
-            return
-        received = group.exchange(block, block_id=k)
-        blocks = {**received, group.rank: block}
-        weights = {**group.weights, group.rank: group.self_weight}
-        block.copy_(decaf_mix(blocks, weights, self.lora_layout))
 
     def _group(self, plan: PhasePlan) -> GossipGroup:
         return GossipGroup(
@@ -216,25 +196,23 @@ class Node:
 
     def evaluate(self, plan: PhasePlan, zero_shot: bool = False) -> dict[str, Any]:
         """Score the local test slice with this node's model (and the network average)."""
-        if is_generation_task(self.cfg.data.name):
-            return self._evaluate_generation(plan, zero_shot)
         limit = self.cfg.eval.max_examples_per_client
-        sets = {"": self.run_data.eval_slice(self.rank, limit)}
+        sets = {"": self.run_data.test_rows(self.rank, limit)}
         if self.run_data.validation is not None:
-            sets["validation_"] = self.run_data.validation_slice(self.rank, limit)
-        glob = self.run_data.global_test is not None
-        texts, labels = self.run_data.global_slice() if glob else ([], [])
+            sets["validation_"] = self.run_data.validation_rows(self.rank, limit)
+        rows = self.run_data.global_test
+        glob = rows is not None
         # Rows rank::n of the global test are scored with the shared model (the average,
         # or the common base model at zero-shot); the coordinator puts them back in order.
-        shard = texts[plan.rank :: plan.world_size]
+        shard = rows.select(range(plan.rank, len(rows), plan.world_size)) if glob else None
         out: dict[str, Any] = {}
-        for prefix, (x, y) in sets.items():
+        for prefix, x in sets.items():
             self._put(out, prefix, x)
-            out[f"{prefix}labels"] = y
+            out.update(_prefixed(prefix, self.task.truth(x)))
         if glob:
-            out["global_labels"] = labels
+            out.update(_prefixed("global_", self.task.truth(rows)))
             if not zero_shot:
-                self._put(out, "global_", texts)
+                self._put(out, "global_", rows)
         if zero_shot or not self.cfg.eval.average_model:
             if glob and zero_shot:
                 self._put(out, "global_shard_", shard)
@@ -242,7 +220,7 @@ class Node:
 
         def score_average() -> dict[str, Any]:
             scored: dict[str, Any] = {}
-            for prefix, (x, _) in sets.items():
+            for prefix, x in sets.items():
                 self._put(scored, f"average_{prefix}", x)
             if glob:
                 self._put(scored, "global_shard_", shard)
@@ -253,24 +231,11 @@ class Node:
                 plan, score_average, group
             )
         out.update(averaged)
-        return out
+        return _with_security_events(out, group)
 
-    def _put(self, out: dict[str, Any], prefix: str, texts: list[str]) -> None:
-        out[f"{prefix}predictions"], out[f"{prefix}ll_predictions"] = self._score(texts)
-
-    def _evaluate_generation(self, plan: PhasePlan, zero_shot: bool) -> dict[str, Any]:
-        limit = self.cfg.eval.max_examples_per_client
-        test = self.run_data.clients[self.rank].test
-        test = test.select(range(min(limit, len(test))))
-        score = functools.partial(self._generation_metrics, test)
-        out: dict[str, Any] = {"metrics": score()}
-        if zero_shot or not self.cfg.eval.average_model:
-            return out
-        with self._group(plan) as group:
-            out["average_metrics"], out["squared_distance"] = self._with_average_model(
-                plan, score, group
-            )
-        return out
+    def _put(self, out: dict[str, Any], prefix: str, rows: Any) -> None:
+        """This node's current model's scores on `rows`, under `prefix`."""
+        out.update(_prefixed(prefix, self.task.score(self.peer.model, self.tokenizer, rows)))
 
     def _with_average_model(
         self, plan: PhasePlan, score: Callable[[], Any], group: GossipGroup
@@ -294,21 +259,6 @@ class Node:
             with torch.no_grad():
                 for p, s in zip(own, saved):
                     p.copy_(s)
-
-    def _generation_metrics(self, test: Any) -> dict[str, float]:
-        return generation_metrics(
-            self.peer.model,
-            self.tokenizer,
-            test,
-            max_length=self.cfg.data.max_length,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            batch_size=self.cfg.eval.batch_size,
-            judge=self.judge,
-        )
-
-    def _score(self, texts: list[str]) -> tuple[list[int], list[int]]:
-        """(generated labels, likelihood labels) of this node's current model."""
-        return score_labels(self.peer.model, self.tokenizer, self.run_data.task, texts, self.cfg)
 
     def export_model(self) -> Path:
         """This node's fine-tuned model + tokenizer in Hugging Face format, beside its state."""
@@ -346,12 +296,7 @@ class Node:
         return hashlib.sha256(repr(self.run_data.task).encode()).hexdigest()[:16]
 
     def label_counts(self) -> list[int]:
-        if is_generation_task(self.cfg.data.name):
-            return []  # instruction tuning: no labels
-        labels = self.run_data.clients[self.rank].train["label"]
-        return [
-            sum(1 for y in labels if y == c) for c in range(len(self.run_data.task.verbalizers))
-        ]
+        return self.task.label_counts(self.run_data.clients[self.rank].train)
 
 
 def _phase_diagnostics(per_block: list[dict[str, Any]]) -> dict[str, float]:
@@ -365,6 +310,17 @@ def _phase_diagnostics(per_block: list[dict[str, Any]]) -> dict[str, float]:
         if pairs:
             out[key] = sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
     return out
+
+
+def _with_security_events(out: dict[str, Any], group: GossipGroup) -> dict[str, Any]:
+    """Rejections an evaluation group outlived (e.g. a replayed store entry): report them."""
+    if group.events:
+        out["security_events"] = [json.dumps(e) for e in group.events]
+    return out
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{key}": value for key, value in values.items()}
 
 
 def _trainable(peer: Peer) -> list[torch.nn.Parameter]:

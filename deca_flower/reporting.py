@@ -252,7 +252,8 @@ def plot_run(
         ax.set(xlabel="round (0 = zero-shot)", ylabel="accuracy", title="Accuracy per round")
         ax.legend()
         written.append(_save(fig, out_dir / "accuracy.png"))
-        cons = [(r["round"] + 1, r["consensus_distance"]) for r in evals if r["round"] >= 0]
+        cons = [(r["round"] + 1, r["consensus_distance"]) for r in evals
+                if r["round"] >= 0 and "consensus_distance" in r]  # eval.average_model=false: none
         if cons:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot(*zip(*cons), "o-")

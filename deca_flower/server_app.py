@@ -21,14 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deca_flower.blocks import block_order
 from deca_flower.config import parse_fault_injection, to_yaml
-from deca_flower.data import task_from_config
-from deca_flower.evaluation import eval_record, global_test_record, pooled_metrics
 from deca_flower.flower_config import config_from_run_config
-from deca_flower.generation import (
-    GENERATION_METRICS,
-    is_generation_task,
-    pool_generation_metrics,
-)
 from deca_flower.gossip import host_store
 from deca_flower.membership import (
     Membership,
@@ -38,7 +31,7 @@ from deca_flower.membership import (
     with_members,
     without,
 )
-from deca_flower.methods import METHODS
+from deca_flower.methods import MethodError, get_method
 from deca_flower.optim import STEP_DIAGNOSTICS
 from deca_flower.reporting import (
     INCOMPLETE,
@@ -54,6 +47,7 @@ from deca_flower.reporting import (
 from deca_flower.resume import Checkpoint, check_resumable, load_checkpoint
 from deca_flower.secure_channel import describe_data_plane, new_run_key
 from deca_flower.task import build_topology
+from deca_flower.task_kinds import make_task
 from deca_flower.topology import describe
 
 app = ServerApp()
@@ -141,16 +135,15 @@ class Coordinator:
         self.gone: set[int] = set()
         self.presence_checked = 0.0
         self.max_reply_values = 0
+        self.task = make_task(cfg, scoring=False)  # the coordinator only pools the scores
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> None:
-        if METHODS[self.cfg.algorithm.method].pooled_data:
-            raise CoordinatorError(
-                "algorithm.method=centralized trains one model on pooled data, the reference "
-                "no decentralized deployment can run; use the in-process engine: "
-                "`deca-flower engine algorithm=centralized`"
-            )
+        try:
+            get_method(self.cfg).check_deployable()
+        except MethodError as err:
+            raise CoordinatorError(str(err)) from None
         self._check_simulation_concurrency()
         node_ids = self._wait_for_nodes()
         info = self._handshake(node_ids)
@@ -184,9 +177,7 @@ class Coordinator:
         )
         records = read_metrics(run_dir.metrics_path)
         run_dir.write_text("summary.md", summary_markdown(records, to_yaml(self.cfg)))
-        generation = is_generation_task(self.cfg.data.name)
-        labels = None if generation else list(task_from_config(self.cfg.data).verbalizers)
-        plot_run(records, run_dir.path, labels)
+        plot_run(records, run_dir.path, self.task.label_names)
         out = run_dir.finish()
         progress.note(f"done: {out}/summary.md")
 
@@ -659,88 +650,52 @@ class Coordinator:
         request = self._common_request(f"eval{t + 1}")
         request.update({"round": t, "blocks": [], "steps": 0, "zero_shot": t == -1})
         replies = self._send_to_ranks(request, "evaluate.deca")
-        if is_generation_task(self.cfg.data.name):
-            record = self._generation_record(t, replies)
-            self.run_dir.log(record)
-            self.progress.note(format_eval(record))
-            return
-        record = self._classification_record(t, replies, "")
+        record = self._eval_record(t, replies, "")
         if t >= 0 and self.cfg.eval.average_model:
             distance = sum(replies[r]["squared_distance"] for r in self.members) / len(self.members)
             record["consensus_distance"] = distance**0.5
         first = replies[self.members[0]]
-        if "validation_labels" in first:
-            part = self._classification_record(t, replies, "validation_")
+        if any(key.startswith("validation_") for key in first):
+            part = self._eval_record(t, replies, "validation_")
             record["validation"] = {k: part[k] for k in ("clients", "client_mean", "average")
                                     if k in part}  # fmt: skip
-        if "global_labels" in first:
+        if any(key.startswith("global_") for key in first):
             record["global_test"] = self._global_test(t, replies)
         self.run_dir.log(record)
         self.progress.note(format_eval(record))
 
-    def _classification_record(self, t: int, replies: dict[int, dict], prefix: str) -> dict:
-        """The engine's record from the nodes' predictions (generated and by likelihood)."""
-
-        def column(key: str) -> list[list[int]]:
-            return [list(replies[r][key]) for r in self.members]
-
-        labels = column(f"{prefix}labels")
-        preds, ll = column(f"{prefix}predictions"), column(f"{prefix}ll_predictions")
-        record = eval_record(t, labels, preds, self.num_labels, ll, self.member_label_counts)
+    def _eval_record(self, t: int, replies: dict[int, dict], prefix: str) -> dict:
+        """The engine's record from the nodes' scores of their own test slices (and of the
+        parameter average on them)."""
+        task = self.task
+        clients = [
+            {**_scores(replies[r], prefix, task.score_keys),
+             **_scores(replies[r], prefix, task.truth_keys)}
+            for r in self.members
+        ]  # fmt: skip
+        average = None
         if t >= 0 and self.cfg.eval.average_model:
-            avg = column(f"average_{prefix}predictions")
-            avg_ll = column(f"average_{prefix}ll_predictions")
-            record["average"] = pooled_metrics(labels, avg, self.num_labels, avg_ll,
-                                               self.member_label_counts)  # fmt: skip
-            record["average_predictions"] = avg
-            record["average_ll_predictions"] = avg_ll
-        return record
+            average = [_scores(replies[r], f"average_{prefix}", task.score_keys)
+                       for r in self.members]  # fmt: skip
+        return task.pool(t, clients, average, self.member_label_counts)
 
     def _global_test(self, t: int, replies: dict[int, dict]) -> dict[str, Any]:
         """Each node scored rows rank::n with the shared model (the average, or the base
         model at zero-shot): put them back in order, as the engine scores them."""
-        members = self.members
-        m = len(members)
-        labels = list(replies[members[0]]["global_labels"])
-        shared: tuple[list, list] | None = None
-        if "global_shard_predictions" in replies[members[0]]:
+        task, members = self.task, self.members
+        first = replies[members[0]]
+        truth = _scores(first, "global_", task.truth_keys)
+        shared = None
+        if any(key.startswith("global_shard_") for key in first):
             # Shards follow the group ranks (members in rank order), as the nodes cut them.
-            shared = ([0] * len(labels), [0] * len(labels))
-            for g, r in enumerate(members):
-                shared[0][g::m] = list(replies[r]["global_shard_predictions"])
-                shared[1][g::m] = list(replies[r]["global_shard_ll_predictions"])
+            shards = [_scores(replies[r], "global_shard_", task.score_keys) for r in members]
+            shared = task.join_shards(shards)
         if t == -1:
-            preds, ll, average = [shared[0]] * m, [shared[1]] * m, None
+            clients, average = [shared] * len(members), None
         else:
-            preds = [list(replies[r]["global_predictions"]) for r in members]
-            ll = [list(replies[r]["global_ll_predictions"]) for r in members]
+            clients = [_scores(replies[r], "global_", task.score_keys) for r in members]
             average = shared
-        return global_test_record(
-            labels, preds, ll, average, self.num_labels, self.member_label_counts
-        )
-
-    def _generation_record(self, t: int, replies: dict[int, dict]) -> dict[str, Any]:
-        """The engine's instruction-tuning eval record, from the nodes' own scores."""
-        per_client = [_unflatten(replies[r], "metrics") for r in self.members]
-        record: dict[str, Any] = {
-            "type": "eval",
-            "task": "generation",
-            "round": t,
-            "clients": per_client,
-            "client_mean": {
-                k: sum(m[k] for m in per_client) / len(per_client)
-                for k in GENERATION_METRICS
-                if k in per_client[0]
-            },
-        }
-        if t >= 0 and self.cfg.eval.average_model:
-            # Each node scored the average on its own test slice; pooled, that is the
-            # average model on the union of the slices, as the engine computes it.
-            parts = [_unflatten(replies[r], "average_metrics") for r in self.members]
-            record["average"] = pool_generation_metrics(parts)
-            distance = sum(replies[r]["squared_distance"] for r in self.members) / len(self.members)
-            record["consensus_distance"] = distance**0.5
-        return record
+        return task.global_record(truth, clients, average, self.member_label_counts)
 
     # ------------------------------------------------------------------ messaging
 
@@ -899,7 +854,6 @@ class Coordinator:
         resumed run has them already)."""
         topo = describe(self.graph, self.weights)
         counts = [info[r]["label_counts"] for r in range(self.n)]
-        self.num_labels = len(counts[0])
         self.label_counts = counts  # majority-class baselines, as the engine computes them
         if record:
             self._log_setup_records(topo, counts, num_blocks)
@@ -947,6 +901,14 @@ def _federation_hint(n: int) -> str:
         f"in deployment start {n} SuperNodes that can reach the coordinator's store "
         "(gossip.advertise_host)."
     )
+
+
+def _scores(reply: dict[str, Any], prefix: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A node's `prefix`ed scores: lists as sent, dicts put back together."""
+    return {
+        key: list(reply[prefix + key]) if prefix + key in reply else _unflatten(reply, prefix + key)
+        for key in keys
+    }
 
 
 def _unflatten(reply: dict[str, Any], key: str) -> dict[str, Any]:

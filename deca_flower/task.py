@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import datasets
@@ -26,23 +27,15 @@ from deca_flower.data import (
     ClientData,
     TaskSpec,
     check_every_label_seen,
-    encode_dataset,
-    load_task,
     split_train_test,
     stratified_holdout,
-    task_from_config,
 )
-from deca_flower.generation import (
-    InstructionTask,
-    encode_instructions,
-    instruction_task_from_config,
-    is_generation_task,
-    load_instruction,
-)
+from deca_flower.generation import InstructionTask
 from deca_flower.methods import make_partition as method_partition
 from deca_flower.methods import prepare_model
 from deca_flower.models import load_model
 from deca_flower.partitioning import SplitSettings, partition_dataset, site_names
+from deca_flower.task_kinds import make_task
 from deca_flower.topology import build_graph, mixing_matrix, validate_mixing_matrix
 
 # Progress bars from every `ds.map` in every Ray actor drown the run's own progress lines.
@@ -61,20 +54,16 @@ class RunData:
     # Per rank, a validation split carved from the client's training data (lr selection).
     validation: list[datasets.Dataset] | dict[int, datasets.Dataset] | None = None
 
-    def eval_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
+    def test_rows(self, rank: int, max_examples: int) -> datasets.Dataset:
         """The first `max_examples` rows of a client's local test split."""
-        return _rows(self.clients[rank].test, max_examples)
+        return _first(self.clients[rank].test, max_examples)
 
-    def validation_slice(self, rank: int, max_examples: int) -> tuple[list[str], list[int]]:
-        return _rows(self.validation[rank], max_examples)
-
-    def global_slice(self) -> tuple[list[str], list[int]]:
-        return _rows(self.global_test, len(self.global_test))
+    def validation_rows(self, rank: int, max_examples: int) -> datasets.Dataset:
+        return _first(self.validation[rank], max_examples)
 
 
-def _rows(ds: datasets.Dataset, max_examples: int) -> tuple[list[str], list[int]]:
-    rows = ds.select(range(min(max_examples, len(ds))))
-    return list(rows["text"]), [int(x) for x in rows["label"]]
+def _first(ds: datasets.Dataset, max_examples: int) -> datasets.Dataset:
+    return ds.select(range(min(max_examples, len(ds))))
 
 
 def resolve_device(setting: str, rank: int = 0) -> torch.device:
@@ -124,7 +113,7 @@ def prepare_data(cfg: DictConfig) -> RunData:
         check_every_label_seen(pooled, task)  # on the whole file: a site may lack a label
     if data.max_examples is not None and len(pooled) > data.max_examples:
         pooled = pooled.shuffle(seed=cfg.seed).select(range(data.max_examples))
-    labelled = isinstance(task, TaskSpec)
+    labelled = make_task(cfg, scoring=False).labelled
     global_test = _load_test_split(cfg) if labelled else None
     if labelled and global_test is None and cfg.eval.global_test_size > 0:
         pooled, global_test = stratified_holdout(pooled, cfg.eval.global_test_size, cfg.seed)
@@ -177,9 +166,7 @@ def load_run_dataset(
     """The run's task and its normalised rows (with `group` if a natural split needs it)."""
     data = cfg.data
     by = data.partition_by if keep_groups and data.partitioner == "natural" else None
-    if is_generation_task(data.name):
-        return load_instruction(instruction_task_from_config(data), path, partition_by=by)
-    return load_task(task_from_config(data), path, partition_by=by)
+    return make_task(cfg, scoring=False).load(path, partition_by=by)
 
 
 def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
@@ -187,18 +174,27 @@ def prepare_local_data(cfg: DictConfig, rank: int, path: str) -> RunData:
     task, local = load_run_dataset(cfg, path)
     train, test = split_train_test(local, cfg.data.test_fraction, seed=[cfg.seed, rank])
     split = {"partitioner": "site file"}
-    if not isinstance(task, TaskSpec):
+    if not make_task(cfg, scoring=False).labelled:
         return RunData(task, {rank: ClientData(train, test)}, split)
     clients, validation = _carve_validation(cfg, {rank: ClientData(train, test)})
     return RunData(task, clients, split, _load_test_split(cfg), validation)
 
 
 def make_stream(
-    cfg: DictConfig, rank: int, run_data: RunData, tokenizer: PreTrainedTokenizerBase
+    cfg: DictConfig,
+    rank: int,
+    run_data: RunData,
+    tokenizer: PreTrainedTokenizerBase,
+    clients: Sequence[int] | None = None,
 ) -> BatchStream:
+    """The batches of model `rank`: its own client's training rows, or (`clients`, the
+    centralized reference) those clients' rows pooled, len(clients) x the batch per step,
+    so that one step sees as many examples as one step of the whole network."""
+    trains = [run_data.clients[c].train for c in ([rank] if clients is None else clients)]
+    rows = trains[0] if len(trains) == 1 else datasets.concatenate_datasets(trains)
     return BatchStream(
-        _encode_train(cfg, run_data, run_data.clients[rank].train, tokenizer),
-        cfg.data.batch_size,
+        _encode_train(cfg, rows, tokenizer),
+        cfg.data.batch_size * len(trains),
         seed=cfg.seed * 100_003 + rank,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -209,35 +205,16 @@ ENCODING_NOTE_ROWS = 1000
 
 
 def _encode_train(
-    cfg: DictConfig, run_data: RunData, rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
+    cfg: DictConfig, rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
 ) -> datasets.Dataset:
     loud = len(rows) >= ENCODING_NOTE_ROWS
     if loud:
         note(f"encoding {len(rows)} training rows (max_length {cfg.data.max_length})")
     start = time.perf_counter()
-    if is_generation_task(cfg.data.name):
-        encoded = encode_instructions(rows, tokenizer, cfg.data.max_length)
-    else:
-        encoded = encode_dataset(rows, tokenizer, run_data.task, cfg.data.max_length)
+    encoded = make_task(cfg, scoring=False).encode(rows, tokenizer)
     if loud:
         note(f"encoded {len(rows)} rows in {time.perf_counter() - start:.1f} s")
     return encoded
-
-
-def make_pooled_stream(
-    cfg: DictConfig, run_data: RunData, tokenizer: PreTrainedTokenizerBase
-) -> BatchStream:
-    """The centralized reference: all clients' training data, n x the batch per step.
-
-    One step then sees as many examples as one step of the whole network.
-    """
-    pooled = datasets.concatenate_datasets([c.train for c in run_data.clients])
-    return BatchStream(
-        _encode_train(cfg, run_data, pooled, tokenizer),
-        cfg.data.batch_size * cfg.num_clients,
-        seed=cfg.seed * 100_003,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def make_partition(cfg: DictConfig, model: PreTrainedModel) -> BlockPartition | AdapterPartition:

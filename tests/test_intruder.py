@@ -12,7 +12,14 @@ import torch
 from test_gossip import HOST, RUN_KEY, WORLD, PeerPool, make_block, ring_matrix, ring_row, unique
 
 from deca_flower.gossip import GossipError, GossipGroup, host_store
-from deca_flower.intruder import CaptureTap, ReplayTap, claim_rank, gloo_addresses, send_raw
+from deca_flower.intruder import (
+    CaptureTap,
+    ReplayTap,
+    claim_rank,
+    gloo_addresses,
+    replay_store_entries,
+    send_raw,
+)
 
 
 def _group(rank: int, port: int, name: str, **kw: Any) -> GossipGroup:
@@ -108,3 +115,33 @@ def test_replayed_capture_is_rejected_by_the_receivers(peers: PeerPool) -> None:
         assert "block from neighbour rank 0" in value["error"] and value["out_untouched"]
         (event,) = value["events"]
         assert event["from"] == "rank 0" and event["check"] == "aead"
+
+
+def scenario_one_step(rank: int, port: int, name: str) -> dict[str, Any]:
+    with _group(rank, port, name, timeout_s=20) as g:
+        return {"mixed": g.mix(make_block(rank)).numpy(), "events": g.events}
+
+
+def test_store_entries_replayed_into_the_next_group_are_rejected(
+    peers: PeerPool, port: int
+) -> None:
+    first, second = unique("replay-store") + "/phase0", unique("replay-store") + "/phase1"
+    res = peers.run(scenario_one_step, name=first)
+    assert all(res[r][0] == "ok" for r in range(WORLD)), res
+    # Rank 2's valid claim and row of W, captured from the first group, written into the
+    # second before rank 2 joins it: the MAC binds the group name, so they do not verify.
+    attempt = replay_store_entries(HOST, port, first, second, rank=2)
+    assert attempt["captured"] == [f"{first}/deca-gossip/claim/2", f"{first}/deca-gossip/join/2"]
+    assert attempt["written"] == [f"{second}/deca-gossip/claim/2", f"{second}/deca-gossip/join/2"]
+    res = peers.run(scenario_one_step, name=second)
+    x = np.stack([make_block(r).double().numpy() for r in range(WORLD)])
+    for r in range(WORLD):
+        status, value, _ = res[r]
+        assert status == "ok", value
+        np.testing.assert_allclose(value["mixed"], (ring_matrix() @ x)[r], atol=1e-5)
+    (claim,) = [e for e in res[2][1]["events"] if e["key"].endswith("claim/2")]
+    assert claim["key"] == f"{second}/deca-gossip/claim/2" and claim["check"] == "store-hmac"
+    assert claim["from"] == "rank 2"  # the envelope claims the victim's rank: a replay
+    # A second replay finds the members' own values and never overwrites them.
+    again = replay_store_entries(HOST, port, first, second, rank=2)
+    assert again["written"] == []

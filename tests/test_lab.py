@@ -119,11 +119,30 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
 
     # 2. Every attack was tried and rejected: forged store values are security records
     #    (and summary lines); raw bytes to a Gloo port never became a block.
+    assert lab["intruder_returncode"] == 0, (out / "lab" / "intruder.log").read_text()[-3000:]
     intrusions = [json.loads(line) for line in (out / "lab" / "intrusions.jsonl").open()]
     assert any(i["what"] == "claim rank" for i in intrusions)
     security = [r for r in records if r["type"] == "security"]
     assert security and all(r["check"] == "store-hmac" for r in security)
-    assert "security: rejected" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "security: rejected" in summary and "## Intruder (lab)" in summary
+    #    The replays: rank 2's store entries captured in the training phase, written into the
+    #    evaluation group before rank 2 joined it, each claim rejected by its MAC ...
+    replays = [i for i in intrusions if i["what"] == "replay a captured payload"]
+    claims = [k for i in replays for k in i.get("written", []) if "/claim/" in k]
+    assert claims and all(k.endswith(f"/claim/{SITES - 1}") for k in claims)
+    assert set(claims) <= {r["key"] for r in security}
+    #    ... and sealed bytes the intruder captured between two sites (the bridge floods),
+    #    sent to the receiving site's Gloo port in the later group: never paired, the result
+    #    unchanged (1. above).
+    (heard,) = [i for i in intrusions if i["what"] == "eavesdrop on the links between sites"]
+    sites = {f"10.99.0.{10 + i}" for i in range(1, SITES + 1)}
+    assert heard["bytes"] > 0
+    assert all({f.split(" -> ")[0].split(":")[0], f.split(" -> ")[1].split(":")[0]} <= sites
+               for f in heard["flows"])  # fmt: skip
+    wire = [i for i in replays if "captured_in" in i]
+    assert wire and all(i["captured_in"] != i["group"] and i["bytes"] > 0 for i in wire)
+    assert "replay a captured payload" in summary
 
     # 3. The blocks really crossed the links: each site's veth carried at least what the
     #    run's metrics say that site sent to its neighbours.

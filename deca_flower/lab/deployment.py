@@ -289,6 +289,8 @@ class Lab:
             )
         time.sleep(1.5)  # let the log stream drain
         self.processes.stop("log-stream", grace_s=2.0)
+        if self.spec.intruder:
+            self._stop_intruder()
         streamer.join(timeout=5)
         self.say(f"run {run_id}: {status}")
         return status
@@ -327,16 +329,46 @@ class Lab:
 
     def _start_intruder(self, run_id: int) -> None:
         host = self.hosts.extra_host("intruder", 99)
+        self.hosts.flood()  # the intruder's link sees the sites' traffic, as on a hub
         argv = [
             sys.executable, "-m", "deca_flower.lab.intruder_process",
             "--run-log", str(self.work / "run.log"), "--run-id", str(run_id),
             "--store-host", self.hosts.hub_address, "--world", str(self.spec.sites),
             "--out", str(self.work / "intrusions.jsonl"), "--me", host.address,
+            "--interface", "eth0",
         ]  # fmt: skip
         self.processes.start(
             "intruder", self.hosts.command(host, argv), self.env, self.work / "intruder.log"
         )
-        self.say(f"intruder on {host.address}: claims ranks and sends to Gloo ports")
+        self.say(
+            f"intruder on {host.address}: claims ranks, sends to Gloo ports, eavesdrops on the "
+            "bridge (flooding every frame to every port) and replays what it captured"
+        )
+
+    def _stop_intruder(self) -> None:
+        """Let the intruder write its last record (it stops when the run is done)."""
+        popen = self.processes.started["intruder"].popen
+        try:
+            popen.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - still running: stop it
+            self.processes.stop("intruder")
+        self.record["intruder_returncode"] = popen.returncode
+        if popen.returncode != 0:
+            self.say(f"the intruder exited with {popen.returncode}; see lab/intruder.log")
+
+    def _report_intrusions(self, out: Path) -> None:
+        """The intruder's attempts and what stopped each, as a section of summary.md."""
+        from deca_flower.lab.intruder_process import summary_lines
+        from deca_flower.reporting import read_metrics
+
+        path, summary = self.work / "intrusions.jsonl", out / "summary.md"
+        if not path.exists() or not summary.exists():
+            return
+        intrusions = [json.loads(line) for line in path.read_text().splitlines() if line]
+        security = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "security"]
+        lines = summary_lines(intrusions, security)
+        with summary.open("a") as f:
+            f.write("\n## Intruder (lab)\n\n" + "\n".join(lines) + "\n")
 
     def _inject_faults(self, line: str) -> None:
         """`kills`: phase p starts when the coordinator reports phase p-1 done (phase 1: when
@@ -420,6 +452,8 @@ class Lab:
         for log in [*self.work.glob("*.log"), *self.work.glob("intrusions.jsonl")]:
             shutil.copy(log, lab_dir / log.name)
         (lab_dir / "lab.json").write_text(json.dumps(self.record, indent=2))
+        if self.spec.intruder:
+            self._report_intrusions(out)
         if status != "finished:completed":
             raise LabError(
                 f"run {run_id} ended {status}; outputs and logs in {out}\n"

@@ -98,6 +98,9 @@ class Hosts:
     def bytes_sent(self, site: Site) -> int | None:
         return None
 
+    def flood(self) -> None:
+        pass  # loopback: nothing to tap
+
     def extra_host(self, name: str, index: int) -> Site:
         raise LabHostError(
             f"the lab's {name} needs a host of its own (namespace mode); the lab runs on "
@@ -138,6 +141,11 @@ class NamespaceHosts(Hosts):
         host = Site(index, f"{SUBNET}.{index}", name, 0)
         self._add_site(host)
         return host
+
+    def flood(self) -> None:
+        """Make the bridge forward every frame to every port, as a hub (or a switch's mirror
+        port) does: a host on it then sees the sites' traffic to each other."""
+        _run(["ip", "link", "set", BRIDGE, "type", "bridge", "ageing_time", "0"])
 
     def _add_site(self, site: Site) -> None:
         ns, veth = site.netns, _veth(site)
