@@ -439,3 +439,40 @@ def test_a_lost_site_that_comes_back_is_healed_as_the_engine_replays(tmp_path):
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_site_lost_before_the_coordinator_stopped_is_healed_on_resume(tmp_path):
+    """Rank 1 fails phase 2 (index 1) and the run goes on; the coordinator stops as phase 3
+    starts; on resume every site is there, and rank 1 is healed before it trains again:
+    the result equals the engine replaying the loss and a return at phase index 2."""
+    from test_flower_app import finished_runs, flwr_run
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    out = tmp_path / "sim"
+    first = flwr_run(out, {**settings, "faults.inject": "1@1", "faults.stop_coordinator_at": 2})
+    stopped = list(out.glob("deca-*.incomplete"))
+    assert len(stopped) == 1, first.stdout[-4000:] + first.stderr[-4000:]
+    stopped = stopped[0]
+    proc = flwr_run(out, {**settings, "faults.inject": "1@1", "resume": stopped})
+    runs = finished_runs(out)
+    assert len(runs) == 1, proc.stdout[-5000:] + proc.stderr[-5000:]
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    (heal,) = [r for r in records if r["type"] == "heal"]
+    assert (heal["rank"], heal["phase"], heal["blocks"]) == (1, 2, [1])
+    assert heal["hashes"] == heal["donor_hashes"]
+    cfg = load_config(
+        {"model": "tiny"},
+        {**FAULT_SETTINGS, "faults.inject": "1@1", "faults.rejoin": "1@2",
+         "output_dir": str(tmp_path / "engine")},
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    replay = engine.run().records
+    np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
+    run_id = next(r for r in records if r["type"] == "data")["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = out / "state" / f"run-{run_id}" / f"node-{rank}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
