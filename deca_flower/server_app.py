@@ -423,8 +423,11 @@ class Coordinator:
             gone |= wanted - listed
             # A dead SuperNode stays listed until Flower marks it offline (60 s without a
             # heartbeat): listed again counts as back only after it was gone, or after that.
-            settled = time.monotonic() - lost_at > FLOWER_OFFLINE_S
-            if wanted <= listed and (gone >= wanted or settled):
+            # Simulated nodes never go: a lost one is back only when rehearsed (faults.rejoin).
+            settled = time.monotonic() - lost_at > FLOWER_OFFLINE_S and not self.simulated
+            if set(lost) <= self._rehearsed_rejoins() or (
+                wanted <= listed and (gone >= wanted or settled)
+            ):
                 break
             if time.monotonic() > deadline:
                 sites = ", ".join(self._site(self.rank_to_node[r]) for r in lost)
@@ -449,6 +452,11 @@ class Coordinator:
         self.gone |= {r for r in self.lost_at if self.rank_to_node[r] not in listed}
         return listed
 
+    def _rehearsed_rejoins(self) -> set[int]:
+        """faults.rejoin: the ranks that come back as the current phase starts."""
+        pairs = parse_fault_injection(self.cfg.faults.rejoin, "faults.rejoin")
+        return {r for r, p in pairs if p == self.phase}
+
     def _readmit_returned_sites(self) -> None:
         """At a phase boundary (faults.on_peer_loss=continue): a lost site whose SuperNode
         came back (same key, so the same node id; same state dir) restores its committed
@@ -458,8 +466,7 @@ class Coordinator:
             return
         self.presence_checked = 0.0
         listed = self._note_absent_sites()
-        rehearsed = {r for r, p in parse_fault_injection(self.cfg.faults.rejoin, "faults.rejoin")
-                     if p == self.phase}  # fmt: skip
+        rehearsed = self._rehearsed_rejoins()
         back = [r for r in sorted(self.lost_at) if r in rehearsed
                 or (r in self.gone and self.rank_to_node[r] in listed)]  # fmt: skip
         if not back:

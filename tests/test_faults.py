@@ -476,3 +476,22 @@ def test_a_site_lost_before_the_coordinator_stopped_is_healed_on_resume(tmp_path
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_disconnected_survivor_graph_waits_then_names_the_lost_site(tmp_path):
+    """The hub of a star fails: the others cannot reach consensus without it, so the
+    coordinator waits (faults.rejoin_wait_s) and then stops, naming the site and settings."""
+    from test_flower_app import finished_runs, flwr_run
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    settings.update({"topology.name": "star", "gossip.timeout_s": 5, "faults.inject": "0@1",
+                     "flower.phase_timeout_s": 90, "faults.rejoin_wait_s": 100})  # fmt: skip
+    proc = flwr_run(tmp_path / "sim", settings)
+    output = proc.stdout + proc.stderr
+    assert not finished_runs(tmp_path / "sim")
+    assert "did not come back within 100 s (faults.rejoin_wait_s)" in output, output[-9000:]
+    assert "lost rank 0 (SuperNode" in output and "falls apart into [[1], [2], [3]]" in output
+    assert "faults.on_peer_loss=continue, faults.min_peers" in output
+    (stopped,) = (tmp_path / "sim").glob("deca-*.incomplete")
+    (waiting,) = [r for r in read_metrics(stopped / "metrics.jsonl") if r["type"] == "waiting"]
+    assert waiting["lost_ranks"] == [0] and waiting["phase"] == 1
