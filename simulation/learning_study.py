@@ -99,11 +99,13 @@ def arm_seeds(study: dict[str, Any], arm: str) -> list[int]:
     return sorted({*study["tune_seeds"], *study["arms"][arm].get("seeds", [])})
 
 
-def tuning_cells(study: dict[str, Any]) -> list[sweep.Cell]:
+def tuning_cells(study: dict[str, Any], arm: str | None = None) -> list[sweep.Cell]:
+    """Stage 1's cells: every lr of every arm (or of `arm`) on the tuning seeds."""
     return [
-        sweep.Cell(variant_name(arm, lr), (), seed)
+        sweep.Cell(variant_name(name, lr), (), seed)
+        for name, spec in study["arms"].items()
+        if arm is None or name == arm
         for seed in study["tune_seeds"]
-        for arm, spec in study["arms"].items()
         for lr in spec["lrs"]
     ]
 
@@ -409,10 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     if not args.report_only:
         budget = [args.max_cells]
-        failed = run_cells(tuning_cells(study), grid, args.out, budget, args.jobs)
-        chosen = choose_lrs(study, load_cells(args.out))
-        print(f"[study] chosen lrs: {chosen}", flush=True)
-        failed += run_cells(confirm_cells(study, chosen), grid, args.out, budget, args.jobs)
+        # Arm by arm, in the grid's order (its tuning cells, then its other seeds at the
+        # chosen lr): a study run in parts has whole arms to compare, not 24 lone cells.
+        for arm in study["arms"]:
+            failed += run_cells(tuning_cells(study, arm), grid, args.out, budget, args.jobs)
+            chosen = choose_lrs(study, load_cells(args.out))
+            if arm in chosen:
+                print(f"[study] {arm}: chosen lr {chosen[arm]:g}", flush=True)
+                todo = confirm_cells(study, {arm: chosen[arm]})
+                failed += run_cells(todo, grid, args.out, budget, args.jobs)
     text = report(study, args.out)
     (args.out / "results.md").write_text(text)
     cells = all_cells(study, choose_lrs(study, load_cells(args.out)))
