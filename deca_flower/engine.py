@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
+from deca_flower.compression import ChocoMixer, ChocoState
 from deca_flower.config import to_yaml
 from deca_flower.data import plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
@@ -31,6 +32,7 @@ from deca_flower.generation import (
     is_generation_task,
     load_judge,
 )
+from deca_flower.gossip import mix_blocks as mix_row
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.peer import Peer
 from deca_flower.reporting import (
@@ -46,6 +48,7 @@ from deca_flower.task import (
     RunData,
     build_topology,
     clone_sharing_frozen,
+    gossip_codec,
     load_base_model,
     make_partition,
     make_pooled_stream,
@@ -95,6 +98,11 @@ class Engine:
         self.peers = self._build_peers()
         self.steps = steps_per_phase(cfg, self.peers[0].model)
         self.wire = wire_dtype(cfg)
+        self.codec = gossip_codec(cfg)
+        # CHOCO state per (client, block): kept across a block's phases, as nodes keep it
+        # in their state stores (see deca_flower/compression.py for the reset policy).
+        self.ef_states: dict[tuple[int, int], ChocoState] = {}
+        self.mixers: list[ChocoMixer] = []
         if self.method.mixing == "tsvd":
             first = self.peers[0]
             self.lora_layout = lora_layout(
@@ -147,6 +155,7 @@ class Engine:
         peers = self.peers
         for peer in peers:
             peer.begin_block(k)
+        self.mixers = self._mixers(k)
         n = len(peers)
         timing = {"forward_s": [0.0] * n, "backward_s": [0.0] * n, "optimizer_s": [0.0] * n}
         comm_s = 0.0
@@ -179,10 +188,31 @@ class Engine:
         self.progress.phase_done(f"round {t + 1} block {k}", sum(losses) / len(losses))
         return global_step
 
+    def _mixers(self, k: int) -> list[ChocoMixer]:
+        if not self.codec.error_feedback or not self.method.communicates:
+            return []
+        mixers = []
+        for i, peer in enumerate(self.peers):
+            state = self.ef_states.setdefault((i, k), ChocoState.start(peer.block))
+            weights = {j: float(self.weights[i, j]) for j in self._row(i)}
+            gamma = self.cfg.gossip.consensus_step
+            mixers.append(ChocoMixer(self.codec, i, weights, state, gamma))
+        return mixers
+
+    def _row(self, i: int) -> list[int]:
+        """Client i's neighbours and itself, as the nodes see them."""
+        return sorted({*neighbours(self.graph, i), i})
+
     def _mix(self) -> None:
         """Eq (7) (or the method's replacement for it), in place on every peer's block."""
         peers = self.peers
         if self.method.mixing == "none":
+            return
+        if self.mixers:
+            self._mix_choco()
+            return
+        if self.method.mixing == "average" and self.cfg.gossip.compression != "none":
+            self._mix_rows()
             return
         if self.method.mixing == "average":
             mixed = mix_blocks(self.weights, torch.stack([p.block for p in peers]), self.wire)
@@ -190,6 +220,29 @@ class Engine:
             mixed = [self._decaf_row(i) for i in range(len(peers))]
         for peer, row in zip(peers, mixed):
             peer.block.copy_(row)
+
+    def _mix_choco(self) -> None:
+        """CHOCO-Gossip with the nodes' own code: everyone encodes, then everyone combines."""
+        blocks = [p.block for p in self.peers]
+        wires = [m.encode(x) for m, x in zip(self.mixers, blocks)]
+        for i, (mixer, x) in enumerate(zip(self.mixers, blocks)):
+            received = {j: wires[j] for j in self._row(i) if j != i}
+            qs = mixer.decode(wires[i], received, x.numel())
+            x.copy_(mixer.combine(x, qs))
+
+    def _mix_rows(self) -> None:
+        """A compressed cast wire, row by row in the gossip order (bit-equal to the nodes)."""
+        codec = self.codec
+        blocks = [p.block for p in self.peers]
+        n = blocks[0].numel()
+        received = [codec.decode(codec.encode(x), n) for x in blocks]
+        mixed = []
+        for i, x in enumerate(blocks):
+            row = {j: received[j] for j in self._row(i) if j != i}
+            weights = {j: float(self.weights[i, j]) for j in self._row(i)}
+            mixed.append(mix_row({**row, i: x}, weights))
+        for x, new in zip(blocks, mixed):
+            x.copy_(new)
 
     def _decaf_row(self, i: int) -> torch.Tensor:
         row = self.weights[i]
@@ -228,12 +281,11 @@ class Engine:
 
     def _log_phase(self, t: int, k: int, numel: int, timing: dict, comm_s: float) -> None:
         steps = self.steps
-        element = torch.empty((), dtype=self.wire).element_size()
         degrees = [
             len(neighbours(self.graph, i)) if self.method.communicates else 0
             for i in range(len(self.peers))
         ]
-        sent = [numel * element * d * steps for d in degrees]
+        sent = [self.codec.wire_bytes(numel) * d * steps for d in degrees]
         self.run_dir.log(
             {
                 "type": "phase",
