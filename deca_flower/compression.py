@@ -151,10 +151,14 @@ class Int8Codec(Codec):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         n, nch = x.numel(), self.chunks(x.numel())
-        padded = torch.nn.functional.pad(x, (0, nch * self.chunk - n)).view(nch, self.chunk)
-        scale = padded.abs().amax(dim=1) / _INT8_MAX
+        padded = (
+            x if n == nch * self.chunk else torch.nn.functional.pad(x, (0, nch * self.chunk - n))
+        )
+        rows = padded.view(nch, self.chunk)
+        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1) / _INT8_MAX  # max |x|
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round(padded / safe[:, None]).clamp_(-_INT8_MAX, _INT8_MAX)
+        # |x / scale| <= 127 (+ rounding, which rounds back to 127): no clamp needed.
+        codes = torch.div(rows, safe[:, None]).round_()
         wire = torch.empty(self.wire_numel(n), dtype=torch.uint8, device=x.device)
         wire[: 4 * nch].view(torch.float32).copy_(scale)
         wire[4 * nch :].view(torch.int8).copy_(codes.view(-1)[:n])
@@ -163,9 +167,12 @@ class Int8Codec(Codec):
     def decode(self, wire: torch.Tensor, numel: int) -> torch.Tensor:
         nch = self.chunks(numel)
         scale = wire[: 4 * nch].view(torch.float32)
-        codes = torch.zeros(nch * self.chunk, dtype=torch.float32, device=wire.device)
-        codes[:numel] = wire[4 * nch :].view(torch.int8)
-        return (codes.view(nch, self.chunk) * scale[:, None]).view(-1)[:numel].clone()
+        codes = wire[4 * nch :].view(torch.int8)
+        if numel == nch * self.chunk:
+            return codes.view(nch, self.chunk).float().mul_(scale[:, None]).view(-1)
+        padded = torch.zeros(nch * self.chunk, dtype=torch.float32, device=wire.device)
+        padded[:numel] = codes
+        return padded.view(nch, self.chunk).mul_(scale[:, None]).view(-1)[:numel].clone()
 
 
 class TopKCodec(Codec):
@@ -230,14 +237,6 @@ def make_codec(
     raise ValueError(f"gossip.compression={compression!r} is not one of {list(FORMATS)}")
 
 
-def weighted_sum(blocks: Mapping[int, torch.Tensor], weights: Mapping[int, float]) -> torch.Tensor:
-    """``acc = 0; for j in sorted(blocks): acc = acc + fp32(w_j) * x_j`` (the gossip order)."""
-    acc = torch.zeros_like(blocks[min(blocks)], dtype=torch.float32)
-    for j in sorted(blocks):
-        acc.add_(torch.mul(blocks[j], float(weights[j])))
-    return acc
-
-
 @dataclass
 class ChocoState:
     """One node's error-feedback state for one block: its public copy and consensus term."""
@@ -293,10 +292,13 @@ class ChocoMixer:
         return qs
 
     def combine(self, x_half: torch.Tensor, qs: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """Update the public copy and consensus term with ``qs``; return the new block."""
+        """Update the public copy and consensus term with ``qs``; return the new block.
+
+        ``c += sum_j (w_ij - [j == i]) q_j`` in ascending rank order, in place (one pass
+        per neighbour: this runs on every step over the whole block)."""
         st = self.state
+        for j in sorted(qs):
+            st.consensus.add_(qs[j], alpha=self.weights[j] - (1.0 if j == self.rank else 0.0))
         st.x_hat.add_(qs[self.rank])
-        st.consensus.add_(weighted_sum(qs, self.weights) - qs[self.rank])
         st.steps += 1
-        gamma = torch.tensor(self.gamma, dtype=torch.float32)
-        return x_half + gamma * st.consensus
+        return torch.add(x_half, st.consensus, alpha=self.gamma)
