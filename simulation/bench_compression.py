@@ -301,7 +301,7 @@ def run_table7(presets: dict, overrides: list[str], degree: int, warmup: int, ti
 def run_accuracy(presets: dict, overrides: list[str], formats: list[str], seeds: list[int]) -> str:
     from deca_flower.engine import Engine
 
-    results: dict[str, list[float]] = {}
+    results: dict[str, list[tuple[float, float, float]]] = {}
     for fmt in formats:
         for seed in seeds:
             with tempfile.TemporaryDirectory() as root:
@@ -309,20 +309,29 @@ def run_accuracy(presets: dict, overrides: list[str], formats: list[str], seeds:
                 cfg = load_config(presets, [*overrides, *settings, "eval.zero_shot=false"])
                 result = Engine(cfg).run()
             last = result.evals()[-1]
-            results.setdefault(fmt, []).append(last["client_mean"]["accuracy"])
-            print(f"[bench] accuracy {fmt} seed {seed}: {results[fmt][-1]:.4f}", flush=True)
+            steps = [r["loss"] for r in result.records if r["type"] == "step"]
+            row = (
+                last["client_mean"]["accuracy"],
+                statistics.mean(steps[-1]),  # the clients' loss at the last step
+                last["consensus_distance"],
+            )
+            results.setdefault(fmt, []).append(row)
+            print(f"[bench] accuracy {fmt} seed {seed}: {row}", flush=True)
     lines = [
         f"in-process engine, model {cfg.model.name}, data {cfg.data.name}, {cfg.num_clients} "
         f"clients, {cfg.train.rounds} round(s) x {cfg.train.steps_per_block} steps/block, "
-        f"seeds {seeds}: final mean client accuracy",
+        f"seeds {seeds}: final mean client accuracy, last-step loss, consensus distance",
         "",
-        "| format | per seed | mean | spread (max-min) |",
-        "|---|---|---|---|",
+        "| format | accuracy per seed | mean | spread | last-step loss per seed "
+        "| consensus distance per seed |",
+        "|---|---|---|---|---|---|",
     ]
-    for fmt, accs in results.items():
-        per = ", ".join(f"{a:.3f}" for a in accs)
+    for fmt, rows in results.items():
+        accs = [r[0] for r in rows]
         lines.append(
-            f"| {fmt} | {per} | {statistics.mean(accs):.3f} | {max(accs) - min(accs):.3f} |"
+            f"| {fmt} | {', '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.3f} "
+            f"| {max(accs) - min(accs):.3f} | {', '.join(f'{r[1]:.4f}' for r in rows)} "
+            f"| {', '.join(f'{r[2]:.3e}' for r in rows)} |"
         )
     return "\n".join(lines)
 
