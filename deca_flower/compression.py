@@ -254,8 +254,14 @@ class ChocoState:
         return {"x_hat": self.x_hat, "consensus": self.consensus}
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], steps: int = 0) -> ChocoState:
-        return cls(tensors["x_hat"].float().clone(), tensors["consensus"].float().clone(), steps)
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> ChocoState:
+        """The state as committed (e.g. read back from a node's state store) on ``device``."""
+        x_hat, consensus = (
+            tensors[k].to(device, torch.float32, copy=True) for k in ("x_hat", "consensus")
+        )
+        return cls(x_hat, consensus)
 
 
 class ChocoMixer:

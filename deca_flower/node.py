@@ -167,7 +167,9 @@ class Node:
             return None
         saved = self.store.block_state(k)
         state = (
-            ChocoState.start(self.peer.block) if saved is None else ChocoState.from_tensors(saved)
+            ChocoState.start(self.peer.block)
+            if saved is None
+            else ChocoState.from_tensors(saved, self.device)
         )
         weights = {**plan.weight_map(), self.rank: plan.self_weight}
         return ChocoMixer(self.codec, self.rank, weights, state, self.cfg.gossip.consensus_step)
