@@ -18,9 +18,11 @@ Four parts (choose with --parts; every ratio is between rows of the same run):
   equal steps per format over ``--seeds``: final mean client accuracy and its spread.
 
     nice -n 19 python simulation/bench_compression.py --parts wire --steps 5
-    nice -n 19 python simulation/bench_compression.py --parts overlap train.layers_per_block=6
-    nice -n 19 python simulation/bench_compression.py --parts table7
-    nice -n 19 python simulation/bench_compression.py --parts accuracy model=tiny --seeds 0 1
+    nice -n 19 python simulation/bench_compression.py train.layers_per_block=6 --parts overlap
+    nice -n 19 python simulation/bench_compression.py train.layers_per_block=6 --parts table7
+    nice -n 19 python simulation/bench_compression.py model=tiny --parts accuracy --seeds 0 1
+
+(settings go before --parts, which takes several values)
 """
 
 from __future__ import annotations
