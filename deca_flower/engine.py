@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from deca_flower.blocks import block_order
+from deca_flower.compression import ChocoMixer, ChocoState
 from deca_flower.config import parse_fault_injection, to_yaml
 from deca_flower.data import label_counts, plot_label_distribution
 from deca_flower.decaf import decaf_mix, lora_layout
@@ -36,6 +37,7 @@ from deca_flower.generation import (
     is_generation_task,
     load_judge,
 )
+from deca_flower.gossip import mix_blocks as mix_row
 from deca_flower.membership import full_membership, without
 from deca_flower.methods import get_method, steps_per_phase
 from deca_flower.optim import STEP_DIAGNOSTICS
@@ -53,6 +55,7 @@ from deca_flower.task import (
     RunData,
     build_topology,
     clone_sharing_frozen,
+    gossip_codec,
     load_base_model,
     make_partition,
     make_pooled_stream,
@@ -102,6 +105,11 @@ class Engine:
         self.peers = self._build_peers()
         self.steps = steps_per_phase(cfg, self.peers[0].model)
         self.wire = wire_dtype(cfg)
+        self.codec = gossip_codec(cfg)
+        # CHOCO state per (client, block): kept across a block's phases, as nodes keep it
+        # in their state stores (see deca_flower/compression.py for the reset policy).
+        self.ef_states: dict[tuple[int, int], ChocoState] = {}
+        self.mixers: dict[int, ChocoMixer] = {}
         if self.method.mixing == "tsvd":
             first = self.peers[0]
             self.lora_layout = lora_layout(
@@ -185,6 +193,7 @@ class Engine:
         peers = [self.peers[r] for r in self.members]
         for peer in peers:
             peer.begin_block(k)
+        self.mixers = self._mixers(k)
         n = len(self.peers)
         timing = {"forward_s": [0.0] * n, "backward_s": [0.0] * n, "optimizer_s": [0.0] * n}
         comm_s = 0.0
@@ -222,10 +231,38 @@ class Engine:
         self.progress.phase_done(f"round {t + 1} block {k}", sum(alive) / len(alive))
         return global_step
 
+    def _mixers(self, k: int) -> dict[int, ChocoMixer]:
+        """One CHOCO mixer per member, over this epoch's W (as the nodes get it in the plan).
+
+        The EF state is kept across membership epochs, as a node keeps it in its store; after
+        a loss the survivors' consensus terms still hold the lost site's past ``q`` (a known
+        limitation of CHOCO under membership changes, docs/performance.md)."""
+        if not self.codec.error_feedback or not self.method.communicates:
+            return {}
+        mixers = {}
+        gamma = self.cfg.gossip.consensus_step
+        for i in self.members:
+            if (i, k) not in self.ef_states:
+                self.ef_states[(i, k)] = ChocoState.start(self.peers[i].block)
+            state = self.ef_states[(i, k)]
+            weights = {j: float(self.membership.weights[i, j]) for j in self._row(i)}
+            mixers[i] = ChocoMixer(self.codec, i, weights, state, gamma)
+        return mixers
+
+    def _row(self, i: int) -> list[int]:
+        """Member i's neighbours in this epoch and itself, as the nodes see them."""
+        return sorted({*self.membership.neighbours(i), i})
+
     def _mix(self) -> None:
         """Eq (7) (or the method's replacement for it), in place on every peer's block."""
         peers = self.peers
         if self.method.mixing == "none":
+            return
+        if self.mixers:
+            self._mix_choco()
+            return
+        if self.method.mixing == "average" and self.cfg.gossip.compression != "none":
+            self._mix_rows()
             return
         members = self.members
         if self.method.mixing == "average":
@@ -238,6 +275,30 @@ class Engine:
             mixed = {i: self._decaf_row(i) for i in members}
         for i in members:
             peers[i].block.copy_(mixed[i])
+
+    def _mix_choco(self) -> None:
+        """CHOCO-Gossip with the nodes' own code: every member encodes, then each combines."""
+        blocks = {i: self.peers[i].block for i in self.mixers}
+        wires = {i: m.encode(blocks[i]) for i, m in self.mixers.items()}
+        for i, mixer in self.mixers.items():
+            x = blocks[i]
+            received = {j: wires[j] for j in self._row(i) if j != i}
+            qs = mixer.decode(wires[i], received, x.numel())
+            x.copy_(mixer.combine(x, qs))
+
+    def _mix_rows(self) -> None:
+        """A compressed cast wire, row by row in the gossip order (bit-equal to the nodes)."""
+        codec = self.codec
+        blocks = {i: self.peers[i].block for i in self.members}
+        n = next(iter(blocks.values())).numel()
+        received = {i: codec.decode(codec.encode(x), n) for i, x in blocks.items()}
+        mixed = {}
+        for i, x in blocks.items():
+            row = {j: received[j] for j in self._row(i) if j != i}
+            weights = {j: float(self.membership.weights[i, j]) for j in self._row(i)}
+            mixed[i] = mix_row({**row, i: x}, weights)
+        for i, x in blocks.items():
+            x.copy_(mixed[i])
 
     def _decaf_row(self, i: int) -> torch.Tensor:
         row = self.membership.weights[i]
@@ -278,14 +339,13 @@ class Engine:
 
     def _log_phase(self, t: int, k: int, numel: int, timing: dict, comm_s: float) -> None:
         steps = self.steps
-        element = torch.empty((), dtype=self.wire).element_size()
         degrees = [
             len(self.membership.neighbours(i))
             if self.method.communicates and i in self.members
             else 0
             for i in range(len(self.peers))
         ]
-        sent = [numel * element * d * steps for d in degrees]
+        sent = [self.codec.wire_bytes(numel) * d * steps for d in degrees]
         self.run_dir.log(
             {
                 "type": "phase",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from deca_flower.compression import ChocoMixer, ChocoState
 from deca_flower.config import to_yaml
 from deca_flower.decaf import decaf_mix, lora_layout
 from deca_flower.evaluation import score_labels
@@ -34,13 +35,13 @@ from deca_flower.reporting import peak_memory_bytes
 from deca_flower.state_store import NodeStateStore
 from deca_flower.task import (
     RunData,
+    gossip_codec,
     load_base_model,
     make_partition,
     make_stream,
     prepare_data,
     prepare_local_data,
     resolve_device,
-    wire_dtype,
 )
 
 
@@ -94,6 +95,7 @@ class Node:
             else None
         )
         self.judge = load_judge(cfg.eval.judge)
+        self.codec = gossip_codec(cfg)
         self.broken = False
         self.last_phase = -1
         self.refresh()
@@ -134,17 +136,24 @@ class Node:
             "bytes_sent": 0,
             "bytes_received": 0,
             "commit_s": 0.0,
+            "overlapped_s": 0.0,
         }
         self.store.discard_staged()
         block_stats: list[dict[str, Any]] = []
+        ef_states: dict[int, dict[str, torch.Tensor]] = {}  # committed with their blocks
         with self._group(plan) as group:
             for k in plan.blocks:
                 peer.begin_block(k)
                 try:
-                    for _ in range(plan.steps):
-                        self._inner_step(group, k, stats)
+                    mixer = self._mixer(plan, k)
+                    for r in range(plan.steps):
+                        # The last step's prefix would run through the block being mixed.
+                        prefetch = self.cfg.gossip.overlap and r < plan.steps - 1
+                        self._inner_step(group, k, stats, mixer, prefetch)
                     stats["block_numel"] = peer.opt.numel
                     block_stats.append(peer.opt.step_stats())
+                    if mixer is not None:
+                        ef_states[k] = mixer.state.tensors()
                 finally:
                     peer.end_block()
             stats["bytes_sent"] = group.stats.bytes_sent
@@ -159,6 +168,7 @@ class Node:
                 peer.partition.named_parameters(k),
                 plan.phase,
                 extra={"stream": peer.stream.state_dict()},
+                state=ef_states.get(k),
             )
         self.store.commit_staged()
         stats["commit_s"] = time.perf_counter() - t0
@@ -168,25 +178,66 @@ class Node:
         stats["train_state_bytes"] = peer.train_state_bytes
         return stats
 
-    def _inner_step(self, group: GossipGroup, k: int, stats: dict[str, Any]) -> None:
+    def _mixer(self, plan: PhasePlan, k: int) -> ChocoMixer | None:
+        """CHOCO state of block k: as committed with the block, or fresh on its first phase."""
+        if not self.codec.error_feedback or not self.method.communicates:
+            return None
+        saved = self.store.block_state(k)
+        state = (
+            ChocoState.start(self.peer.block)
+            if saved is None
+            else ChocoState.from_tensors(saved, self.device)
+        )
+        # Group ranks (plan.rank), as the group names the neighbours' wires; they keep the
+        # order of the ranks, so the combine order equals the engine's.
+        weights = {**plan.weight_map(), plan.rank: plan.self_weight}
+        return ChocoMixer(self.codec, plan.rank, weights, state, self.cfg.gossip.consensus_step)
+
+    def _inner_step(
+        self,
+        group: GossipGroup,
+        k: int,
+        stats: dict[str, Any],
+        mixer: ChocoMixer | None = None,
+        prefetch: bool = False,
+    ) -> None:
         result = self.peer.local_step()
         t0 = time.perf_counter()
-        self._mix(group, k)
-        stats["communication_s"] += time.perf_counter() - t0
+        overlapped = group.stats.overlapped_s
+        self._mix(group, k, mixer, self.peer.prefetch if prefetch else None)
+        overlapped = group.stats.overlapped_s - overlapped
+        # Time blocked on the exchange; the prefix forward run meanwhile counts as forward.
+        stats["communication_s"] += time.perf_counter() - t0 - overlapped
+        stats["overlapped_s"] += overlapped
         stats["optimizer_s"] += result.optimizer_s + self.peer.consensus_update()
-        stats["forward_s"] += result.forward_s
+        stats["forward_s"] += result.forward_s + overlapped
         stats["backward_s"] += result.backward_s
         stats["loss"].append(result.loss)
 
-    def _mix(self, group: GossipGroup, k: int) -> None:
+    def _mix(
+        self,
+        group: GossipGroup,
+        k: int,
+        mixer: ChocoMixer | None = None,
+        during: Callable[[], object] | None = None,
+    ) -> None:
         """Eq (7) over the gossip group, or the method's replacement for it."""
         block = self.peer.block
         if self.method.mixing == "none":
+            if during is not None:
+                during()
+            return
+        if mixer is not None:
+            wire = mixer.encode(block)
+            received = group.exchange_wire(wire, numel=block.numel(), block_id=k, during=during)
+            qs = mixer.decode(wire, received, block.numel())
+            group.check_finite(block, {j: q for j, q in qs.items() if j != group.rank})
+            block.copy_(mixer.combine(block, qs))
             return
         if self.method.mixing == "average":
-            block.copy_(group.mix(block, block_id=k))
+            block.copy_(group.mix(block, block_id=k, during=during))
             return
-        received = group.exchange(block, block_id=k)
+        received = group.exchange(block, block_id=k, during=during)
         blocks = {**received, group.rank: block}
         weights = {**group.weights, group.rank: group.self_weight}
         block.copy_(decaf_mix(blocks, weights, self.lora_layout))
@@ -203,10 +254,10 @@ class Node:
             group_name=plan.group_name,
             backend=self.cfg.gossip.backend,
             device=self.device,
-            wire_dtype=wire_dtype(self.cfg),
             timeout_s=self.cfg.gossip.timeout_s,
             encryption=self.cfg.gossip.encryption,
             store_key=plan.store_key or None,
+            codec=self.codec,
         )
 
     # ------------------------------------------------------------------ evaluation
