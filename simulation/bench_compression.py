@@ -49,6 +49,7 @@ from deca_flower.gossip import GossipGroup, host_store, mix_blocks
 HOST = "127.0.0.1"
 EMBEDDED_BLOCK = 21_240_576  # SmolLM2-135M: 3,540,096 parameters per layer x 6 layers
 FORMATS = ("float32", "bf16", "int8", "topk")
+BENCH_KEY = "b3" * 32  # a fixed run key for the node harness (a benchmark, not a deployment)
 
 
 class SequentialGossipGroup(GossipGroup):
@@ -83,8 +84,10 @@ def _wire_peer(rank: int, sites: int, port: int, numel: int, steps: int, out: An
         name = f"bench/{port}/{fmt}/{mode}"
         x = x0.clone()
         rows = []
+        # Plaintext: this harness measures the wire formats themselves (and the sequential
+        # variant overrides _run_p2p); sealed vs plaintext is bench_secure_gossip.py's job.
         with cls(HOST, port, rank, sites, others, weights, 1.0 / sites, group_name=name,
-                 codec=codec, timeout_s=600) as group:  # fmt: skip
+                 codec=codec, timeout_s=600, encryption="none") as group:  # fmt: skip
             all_w = {**weights, rank: 1.0 / sites}
             mixer = (
                 ChocoMixer(codec, rank, all_w, ChocoState.start(x))
@@ -172,9 +175,13 @@ def _node_peer(
     from deca_flower.topology import neighbours
 
     for fmt, overlap, blocks in cases:
+        # Plaintext unless the command line says gossip.encryption=aes-256-gcm (then the
+        # run key below seals it), so the figures compare with the wire harness.
         cfg = load_config(
-            presets, [*settings, f"gossip.compression={fmt}", f"gossip.overlap={overlap}"]
-        )
+            presets,
+            ["gossip.encryption=none", *settings, f"gossip.compression={fmt}",
+             f"gossip.overlap={overlap}"],
+        )  # fmt: skip
         graph, w = build_topology(cfg)
         row = neighbours(graph, rank)
         with tempfile.TemporaryDirectory() as root:
@@ -184,7 +191,7 @@ def _node_peer(
                 plan = PhasePlan(
                     phase, 0, [k], cfg.train.steps_per_block, HOST, port,
                     f"ov/{port}/{fmt}/{overlap}/{phase}", rank, cfg.num_clients, row,
-                    [float(w[rank, j]) for j in row], float(w[rank, rank]),
+                    [float(w[rank, j]) for j in row], float(w[rank, rank]), store_key=BENCH_KEY,
                 )  # fmt: skip
                 t0 = time.perf_counter()
                 stats = node.run_phase(plan)
