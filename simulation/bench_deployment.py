@@ -87,7 +87,8 @@ def run(cmd: list[str], log: Path, cwd: Path) -> float:
 
 
 def newest_run(out_dir: Path) -> Path:
-    runs = [p for p in out_dir.glob("*") if p.is_dir() and not p.name.endswith(".incomplete")]
+    runs = [p for p in out_dir.glob("*") if (p / "metrics.jsonl").exists()
+            and not p.name.endswith(".incomplete")]  # fmt: skip
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 

@@ -7,12 +7,12 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import tiny_config
 
 from deca_flower.config import ConfigError
 from deca_flower.data import DataError, task_from_config
 from deca_flower.engine import Engine
 from deca_flower.task import prepare_data
-from tests.conftest import tiny_config
 
 LABELS = ["low", "mid", "high"]
 SITES = {"north": 0.6, "south": 0.3, "west": 0.1}  # site -> share of label 0 (skewed on purpose)

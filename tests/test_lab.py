@@ -66,6 +66,17 @@ def engine_run(tmp_path: Path) -> Engine:
     return engine
 
 
+def assert_sites_hold_engine_blocks(work: Path, run_id, engine: Engine, ranks) -> None:
+    """Each site's committed blocks equal the engine's peer of the same rank."""
+    for rank in ranks:
+        state = work / f"site{rank + 1}" / "state" / f"run-{run_id}"
+        peer = engine.peers[rank]
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
 def step_losses(records: list[dict]) -> list[list[float]]:
     return [r["loss"] for r in records if r["type"] == "step"]
 
@@ -91,13 +102,7 @@ def test_lab_in_namespaces_equals_engine_and_simulation(tmp_path):
     engine = engine_run(tmp_path / "engine")
     engine_steps = [r["loss"] for r in engine.result.records if r["type"] == "step"]
     np.testing.assert_allclose(step_losses(records), engine_steps, rtol=1e-4, atol=1e-5)
-    run_id = lab["run_id"]
-    for rank, peer in enumerate(engine.peers):
-        state = work / f"site{rank + 1}" / "state" / f"run-{run_id}"
-        for k in range(peer.partition.num_blocks):
-            saved = load_file(state / f"block_{k:04d}.safetensors")
-            for name, param in peer.partition.named_parameters(k):
-                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+    assert_sites_hold_engine_blocks(work, lab["run_id"], engine, range(SITES))
     from test_flower_app import finished_runs, flwr_run
 
     sim_dir = tmp_path / "sim"
@@ -336,13 +341,7 @@ def test_lab_goes_on_without_a_killed_site_as_the_engine_replays(tmp_path):
     engine, replay = _engine_replay(tmp_path / "engine", FAULT_SETTINGS, "3@1")
     np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
     run_id = json.loads((out / "lab" / "lab.json").read_text())["run_id"]
-    for rank in range(3):
-        state = work / f"site{rank + 1}" / "state" / f"run-{run_id}"
-        peer = engine.peers[rank]
-        for k in range(peer.partition.num_blocks):
-            saved = load_file(state / f"block_{k:04d}.safetensors")
-            for name, param in peer.partition.named_parameters(k):
-                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+    assert_sites_hold_engine_blocks(work, run_id, engine, range(3))
 
 
 def test_the_app_bundle_ships_only_code_and_presets(tmp_path):
