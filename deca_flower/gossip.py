@@ -241,16 +241,31 @@ def _counter_barrier(
 def _sealed_barrier(
     store: AuthenticatedStore, rank: int, world_size: int, timeout_s: float
 ) -> tuple[int, bool]:
-    store.set(f"arrived/{rank}", b"1")
+    # Each arrival carries this process's own token, so a second site with the same
+    # partition-id is named here instead of leaving the barrier one arrival short.
+    token = os.urandom(8).hex().encode()
+    key = f"arrived/{rank}"
+    if store.peek(key) not in (None, token):
+        raise _duplicate_rank(rank)
+    store.set(key, token)
     deadline = time.monotonic() + timeout_s
     while (arrived := sum(store.peek(f"arrived/{r}") is not None for r in range(world_size))) < (
         world_size
     ):
+        if store.peek(key) != token:
+            raise _duplicate_rank(rank)
         if time.monotonic() > deadline:
             store.set(f"gave-up/{rank}", b"1")
             return arrived, True
         time.sleep(0.2)
     return arrived, any(store.peek(f"gave-up/{r}") is not None for r in range(world_size))
+
+
+def _duplicate_rank(rank: int) -> ValueError:
+    return ValueError(
+        f"two sites have partition-id={rank}: another site arrived with it first; give every "
+        "site a distinct partition-id (its --node-config)"
+    )
 
 
 def choose_backend(requested: str = "auto", device: torch.device | str = "cpu") -> str:

@@ -52,6 +52,7 @@ app = ServerApp()
 MAX_REPLY_VALUES = 100_000
 REPLY_POLL_S = 0.25  # Grid.send_and_receive polls every 3 s: too slow for short phases
 FAILED_PHASE_GRACE_S = 15.0  # once every reply is a failure, how long to wait for the rest
+FLOWER_OFFLINE_S = 70.0  # Flower marks a node offline 60 s after its last heartbeat
 
 # Flower's error codes (flwr.common.constant.ErrorCode) and what a site's admin should do.
 _ERROR_NAMES = {
@@ -382,8 +383,17 @@ class Coordinator:
     def _wait_for_rejoin(self, lost: list[int], reason: str) -> None:
         """Wait (bounded) until the lost sites' SuperNodes are back, then rerun the phase."""
         wanted = {self.rank_to_node[r] for r in lost}
-        deadline = time.monotonic() + self.cfg.faults.rejoin_wait_s
-        while not wanted <= set(self.grid.get_node_ids()):
+        lost_at = time.monotonic()
+        deadline = lost_at + self.cfg.faults.rejoin_wait_s
+        gone: set[int] = set()
+        while True:
+            listed = set(self.grid.get_node_ids())
+            gone |= wanted - listed
+            # A dead SuperNode stays listed until Flower marks it offline (60 s without a
+            # heartbeat): listed again counts as back only after it was gone, or after that.
+            settled = time.monotonic() - lost_at > FLOWER_OFFLINE_S
+            if wanted <= listed and (gone >= wanted or settled):
+                break
             if time.monotonic() > deadline:
                 sites = ", ".join(self._site(self.rank_to_node[r]) for r in lost)
                 raise CoordinatorError(

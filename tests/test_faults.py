@@ -228,6 +228,8 @@ FAULT_SETTINGS = {
     "topology.p": 0.6,
     "flower.phase": "block",
     "gossip.timeout_s": 10,
+    "flower.phase_timeout_s": 300,  # a test that goes wrong ends in minutes, not hours
+    "faults.rejoin_wait_s": 400,
     "flower.keep_state": "true",
 }
 

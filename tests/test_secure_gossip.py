@@ -439,10 +439,7 @@ def test_store_refuses_counters_and_unsealed_values(port: int) -> None:
 # ---------------------------------------------------------------------------- the socket
 
 
-def _capture_loopback(stop: threading.Event, packets: list[bytes]) -> None:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
-    sock.bind(("lo", 0))
-    sock.settimeout(0.1)
+def _capture_loopback(sock: socket.socket, stop: threading.Event, packets: list[bytes]) -> None:
     while not stop.is_set():
         try:
             packets.append(sock.recv(1 << 17))
@@ -464,14 +461,21 @@ def _windows_on_wire(peers: PeerPool, encryption: str) -> float:
         socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003)).close()
     except (PermissionError, OSError, AttributeError):
         pytest.skip("capturing loopback packets needs CAP_NET_RAW (Linux)")
+    # Bound before the peers send (warm peers exchange within milliseconds), with a buffer
+    # large enough that a loaded machine drops no packet of the positive control.
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+    sock.bind(("lo", 0))
+    sock.settimeout(0.1)
     stop, packets = threading.Event(), []
-    thread = threading.Thread(target=_capture_loopback, args=(stop, packets))
+    thread = threading.Thread(target=_capture_loopback, args=(sock, stop, packets))
     thread.start()
     try:
         res = peers.run(scenario_big, name=unique(f"wire-{encryption}"), encryption=encryption)
     finally:
         stop.set()
         thread.join()
+        sock.close()
     assert all(res[r][0] == "ok" for r in range(WORLD)), res
     wire = b"".join(packets)
     rng = random.Random(0)
