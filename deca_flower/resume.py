@@ -53,6 +53,9 @@ class Checkpoint:
     global_step: int = 0
     evaluated: list[int] = field(default_factory=list)  # rounds evaluated (-1: zero-shot)
     phase_blocks: dict[str, list[int]] = field(default_factory=dict)  # phase -> its blocks
+    # Sites lost (faults.on_peer_loss=continue) and not yet back: rank -> the phase they were
+    # lost in. On resume they are healed before they train again.
+    lost_at: dict[str, int] = field(default_factory=dict)
     version: int = VERSION
 
     @property

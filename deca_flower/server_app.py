@@ -423,8 +423,11 @@ class Coordinator:
             gone |= wanted - listed
             # A dead SuperNode stays listed until Flower marks it offline (60 s without a
             # heartbeat): listed again counts as back only after it was gone, or after that.
-            settled = time.monotonic() - lost_at > FLOWER_OFFLINE_S
-            if wanted <= listed and (gone >= wanted or settled):
+            # Simulated nodes never go: a lost one is back only when rehearsed (faults.rejoin).
+            settled = time.monotonic() - lost_at > FLOWER_OFFLINE_S and not self.simulated
+            if set(lost) <= self._rehearsed_rejoins() or (
+                wanted <= listed and (gone >= wanted or settled)
+            ):
                 break
             if time.monotonic() > deadline:
                 sites = ", ".join(self._site(self.rank_to_node[r]) for r in lost)
@@ -449,6 +452,11 @@ class Coordinator:
         self.gone |= {r for r in self.lost_at if self.rank_to_node[r] not in listed}
         return listed
 
+    def _rehearsed_rejoins(self) -> set[int]:
+        """faults.rejoin: the ranks that come back as the current phase starts."""
+        pairs = parse_fault_injection(self.cfg.faults.rejoin, "faults.rejoin")
+        return {r for r, p in pairs if p == self.phase}
+
     def _readmit_returned_sites(self) -> None:
         """At a phase boundary (faults.on_peer_loss=continue): a lost site whose SuperNode
         came back (same key, so the same node id; same state dir) restores its committed
@@ -458,8 +466,7 @@ class Coordinator:
             return
         self.presence_checked = 0.0
         listed = self._note_absent_sites()
-        rehearsed = {r for r, p in parse_fault_injection(self.cfg.faults.rejoin, "faults.rejoin")
-                     if p == self.phase}  # fmt: skip
+        rehearsed = self._rehearsed_rejoins()
         back = [r for r in sorted(self.lost_at) if r in rehearsed
                 or (r in self.gone and self.rank_to_node[r] in listed)]  # fmt: skip
         if not back:
@@ -569,14 +576,18 @@ class Coordinator:
             f"resuming run {self.checkpoint.state_id} at phase {self.phase + 1} of {num_phases}"
             f" (every node restores its blocks committed up to phase {self.phase})"
         )
+        self._restore_lost_sites(run_dir)
         return run_dir
 
     def _check_resumed_nodes(self, info: dict[int, dict[str, Any]]) -> None:
         """Every node must hold the state the checkpoint expects (or one phase more, which
-        it committed before the coordinator stopped; it rolls that back)."""
+        it committed before the coordinator stopped; it rolls that back). Sites lost before
+        the stop are behind and are healed."""
         committed = self.committed_phase
+        lost = {int(r) for r in self.checkpoint.lost_at}  # behind on purpose: healed first
         wrong = {r: int(reply.get("last_phase", -1)) for r, reply in info.items()
-                 if int(reply.get("last_phase", -1)) not in (committed, committed + 1)}  # fmt: skip
+                 if int(reply.get("last_phase", -1)) not in (committed, committed + 1)
+                 and r not in lost}  # fmt: skip
         if wrong:
             sites = ", ".join(f"{self._site(self.rank_to_node[r])} holds phase {p + 1}"
                               for r, p in sorted(wrong.items()))  # fmt: skip
@@ -586,8 +597,22 @@ class Coordinator:
                 "they used in the original run, or start the run afresh without `resume`"
             )
 
+    def _restore_lost_sites(self, run_dir: RunDir) -> None:
+        """Sites lost before the stop hold stale blocks: start without them, as the run had
+        gone on, and heal them at the first phase boundary (they are present: handshake)."""
+        self.lost_at = {int(r): p for r, p in self.checkpoint.lost_at.items()}
+        if not self.lost_at:
+            return
+        self.gone = set(self.lost_at)
+        self.membership = without(self.membership, set(self.lost_at), self.graph,
+                                  self.cfg.topology.mixing, min_peers=2)  # fmt: skip
+        run_dir.log({"type": "membership", "phase": self.phase, **self.membership.record()})
+        Progress(0).note(f"rank(s) {sorted(self.lost_at)} were lost before the stop: they are"
+                         " healed before they train again")  # fmt: skip
+
     def _save_checkpoint(self, blocks: list[int], global_step: int) -> None:
         self.checkpoint.phase_blocks[str(self.committed_phase)] = list(blocks)
+        self.checkpoint.lost_at = {str(r): p for r, p in self.lost_at.items()}
         self.checkpoint.next_phase = self.phase
         self.checkpoint.global_step = global_step
         self.checkpoint.save(self.run_dir.path)

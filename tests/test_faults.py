@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import networkx as nx
@@ -103,13 +104,18 @@ def test_a_phase_commits_all_its_blocks_and_can_be_rolled_back(tmp_path):
 # ---------------------------------------------------------------------- Gloo: a peer is killed
 
 
+TIMEOUT_S = 8  # gossip.timeout_s of the lost-peer scenarios (a fresh peer must join in it)
+
+
 def scenario_killed_then_regroup(
     rank: int,
     port: int,  # noqa: F811
     name: str,
     victim: int,
+    how: str = "kill",
 ) -> dict:
-    """4-ring; the victim SIGKILLs itself mid-exchange; survivors regroup as a 3-path."""
+    """4-ring; the victim SIGKILLs (or SIGSTOPs) itself mid-exchange; survivors regroup as a
+    3-path."""
     x = make_block(rank)
     nbrs = sorted({(rank - 1) % WORLD, (rank + 1) % WORLD})
     group = GossipGroup(
@@ -122,11 +128,21 @@ def scenario_killed_then_regroup(
         1 / 3,
         group_name=f"{name}/epoch0",
         store_key=RUN_KEY,
-        timeout_s=5,
+        timeout_s=TIMEOUT_S,
     )
     group.mix(x)
-    if rank == victim:
+    if rank == victim and how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if rank == victim:  # SIGSTOP: no RST, the neighbours see silence; continued later
+        subprocess.Popen(["sh", "-c", f"sleep {3 * TIMEOUT_S}; kill -CONT {os.getpid()}"])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        try:  # the others have moved on to epoch 1: its stale exchange must not land
+            group.mix(x)
+            return {"stale": "accepted"}
+        except GossipError as exc:
+            return {"stale": str(exc)}
+        finally:
+            group.close()
     start = time.monotonic()
     try:
         for _ in range(3):  # rank 1 (not a neighbour) fails once its neighbours gave up
@@ -160,15 +176,24 @@ def scenario_killed_then_regroup(
     return {"error": error, "seconds": detected_s, "mixed": mixed.numpy(), "x": x.numpy()}
 
 
-def test_survivors_of_a_killed_peer_regroup_and_mix_over_the_survivors(peers):  # noqa: F811
+@pytest.mark.parametrize("how", ["stop", "kill"])  # stop on the original peers
+def test_survivors_of_a_lost_peer_regroup_and_mix_over_the_survivors(peers, how):  # noqa: F811
+    """SIGKILL (connections reset) or SIGSTOP (silence): the survivors give up within the
+    timeout and mix over the survivors; a stopped peer, continued, cannot take part."""
     victim = 3
-    res = peers.run(scenario_killed_then_regroup, name=unique("killed"), victim=victim, limit=80)
-    assert victim not in res
+    res = peers.run(scenario_killed_then_regroup, name=unique(how), victim=victim, limit=80,
+                    how=how)  # fmt: skip
+    if how == "kill":
+        assert victim not in res
+    else:
+        status, value, _ = res[victim]
+        assert status == "ok" and value["stale"] != "accepted", value
+        assert "neighbour rank" in value["stale"]
     survivors = [0, 1, 2]
     for r in survivors:
         status, value, _ = res[r]
         assert status == "ok", value
-        assert value["error"] is not None and value["seconds"] < 5 + 5  # timeout + slack
+        assert value["error"] is not None and value["seconds"] < TIMEOUT_S + 5  # + slack
     for r in (0, 2):
         assert f"neighbour rank {victim}" in res[r][1]["error"]
     # Independent re-weighted mix: Metropolis on the path 0-1-2 is [[2/3,1/3,0],[1/3,1/3,1/3],
@@ -414,3 +439,59 @@ def test_a_lost_site_that_comes_back_is_healed_as_the_engine_replays(tmp_path):
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
                 torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_site_lost_before_the_coordinator_stopped_is_healed_on_resume(tmp_path):
+    """Rank 1 fails phase 2 (index 1) and the run goes on; the coordinator stops as phase 3
+    starts; on resume every site is there, and rank 1 is healed before it trains again:
+    the result equals the engine replaying the loss and a return at phase index 2."""
+    from test_flower_app import finished_runs, flwr_run
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    out = tmp_path / "sim"
+    first = flwr_run(out, {**settings, "faults.inject": "1@1", "faults.stop_coordinator_at": 2})
+    stopped = list(out.glob("deca-*.incomplete"))
+    assert len(stopped) == 1, first.stdout[-4000:] + first.stderr[-4000:]
+    stopped = stopped[0]
+    proc = flwr_run(out, {**settings, "faults.inject": "1@1", "resume": stopped})
+    runs = finished_runs(out)
+    assert len(runs) == 1, proc.stdout[-5000:] + proc.stderr[-5000:]
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    (heal,) = [r for r in records if r["type"] == "heal"]
+    assert (heal["rank"], heal["phase"], heal["blocks"]) == (1, 2, [1])
+    assert heal["hashes"] == heal["donor_hashes"]
+    cfg = load_config(
+        {"model": "tiny"},
+        {**FAULT_SETTINGS, "faults.inject": "1@1", "faults.rejoin": "1@2",
+         "output_dir": str(tmp_path / "engine")},
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    engine = Engine(cfg)
+    replay = engine.run().records
+    np.testing.assert_allclose(_losses(records), _losses(replay), rtol=1e-4, atol=1e-5)
+    run_id = next(r for r in records if r["type"] == "data")["run_id"]
+    for rank, peer in enumerate(engine.peers):
+        state = out / "state" / f"run-{run_id}" / f"node-{rank}"
+        for k in range(peer.partition.num_blocks):
+            saved = load_file(state / f"block_{k:04d}.safetensors")
+            for name, param in peer.partition.named_parameters(k):
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_disconnected_survivor_graph_waits_then_names_the_lost_site(tmp_path):
+    """The hub of a star fails: the others cannot reach consensus without it, so the
+    coordinator waits (faults.rejoin_wait_s) and then stops, naming the site and settings."""
+    from test_flower_app import finished_runs, flwr_run
+
+    settings = {k: v for k, v in FAULT_SETTINGS.items() if k != "num_clients"}
+    settings.update({"topology.name": "star", "gossip.timeout_s": 5, "faults.inject": "0@1",
+                     "flower.phase_timeout_s": 90, "faults.rejoin_wait_s": 100})  # fmt: skip
+    proc = flwr_run(tmp_path / "sim", settings)
+    output = proc.stdout + proc.stderr
+    assert not finished_runs(tmp_path / "sim")
+    assert "did not come back within 100 s (faults.rejoin_wait_s)" in output, output[-9000:]
+    assert "lost rank 0 (SuperNode" in output and "falls apart into [[1], [2], [3]]" in output
+    assert "faults.on_peer_loss=continue, faults.min_peers" in output
+    (stopped,) = (tmp_path / "sim").glob("deca-*.incomplete")
+    (waiting,) = [r for r in read_metrics(stopped / "metrics.jsonl") if r["type"] == "waiting"]
+    assert waiting["lost_ranks"] == [0] and waiting["phase"] == 1

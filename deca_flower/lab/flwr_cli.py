@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,18 @@ class FlwrCli:
             )
         return result
 
-    def register(self, public_key: Path) -> int:
-        out = self.json("supernode", "register", str(public_key), self.connection)
-        return int(out["node-id"])
+    def register(self, public_key: Path, attempts: int = 5) -> int:
+        """Register a SuperNode key; its node id. A SuperLink that has just started can
+        answer `list` yet refuse a registration (its SuperExec still starting): retry."""
+        for attempt in range(attempts):
+            out = self.json("supernode", "register", str(public_key), self.connection)
+            if "node-id" in out:
+                return int(out["node-id"])
+            time.sleep(2.0 * (attempt + 1))
+        raise FlwrCliError(
+            f"`flwr supernode register {public_key} {self.connection}` gave no node id after "
+            f"{attempts} tries: {json.dumps(out)[-2000:]}"
+        )
 
     def node_status(self) -> dict[int, str]:
         out = self.json("supernode", "list", self.connection)
