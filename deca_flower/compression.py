@@ -239,19 +239,35 @@ def make_codec(
 
 @dataclass
 class ChocoState:
-    """One node's error-feedback state for one block: its public copy and consensus term."""
+    """One node's error-feedback state for one block: its public copy and consensus term.
+
+    Both hold only for the gossip members they were built with: ``c_i`` sums over the
+    neighbours of one mixing matrix, updated step by step. Once a site is lost or healed,
+    W changes and every member restarts the state (`restart`), as `ChocoGossip` does.
+    """
 
     x_hat: torch.Tensor  # x_hat_i: what every neighbour believes this node's block is
     consensus: torch.Tensor  # c_i = sum_j w_ij (x_hat_j - x_hat_i)
     steps: int = 0
+    members: tuple[int, ...] = ()  # the run ranks whose mixing matrix built this state
 
     @classmethod
-    def start(cls, block: torch.Tensor) -> ChocoState:
+    def start(cls, block: torch.Tensor, members: tuple[int, ...] = ()) -> ChocoState:
         """First phase of a block: every client holds the same block, so x_hat_j = x_i."""
-        return cls(block.detach().clone(), torch.zeros_like(block))
+        return cls(block.detach().clone(), torch.zeros_like(block), members=tuple(members))
+
+    @classmethod
+    def restart(cls, block: torch.Tensor, members: tuple[int, ...] = ()) -> ChocoState:
+        """After a membership change the clients' blocks differ and no node knows its
+        neighbours' x_hat_j: every member takes x_hat = 0 (so c = 0), which they all agree
+        on without an exchange. The next step sends the whole block through the codec;
+        error feedback then shrinks the error again."""
+        zeros = torch.zeros_like(block, dtype=torch.float32)
+        return cls(zeros, torch.zeros_like(zeros), members=tuple(members))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"x_hat": self.x_hat, "consensus": self.consensus}
+        members = torch.tensor(list(self.members), dtype=torch.int64)
+        return {"x_hat": self.x_hat, "consensus": self.consensus, "members": members}
 
     @classmethod
     def from_tensors(
@@ -261,7 +277,8 @@ class ChocoState:
         x_hat, consensus = (
             tensors[k].to(device, torch.float32, copy=True) for k in ("x_hat", "consensus")
         )
-        return cls(x_hat, consensus)
+        members = tuple(int(r) for r in tensors["members"].tolist()) if "members" in tensors else ()
+        return cls(x_hat, consensus, members=members)
 
 
 class ChocoMixer:

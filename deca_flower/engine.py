@@ -196,7 +196,10 @@ class Engine:
             peer.begin_block(k)
         # Stateful rules (CHOCO) keep their state per block across its phases, as the nodes
         # keep it in their state stores.
-        self.mixer.begin_block(k, {peer.rank: peer.block for peer in peers})
+        self.mixer.begin_block(
+            k, {peer.rank: peer.block for peer in peers}, members=tuple(self.members),
+            first_phase=t == 0,
+        )
         n = len(self.peers)
         timing = {"forward_s": [0.0] * n, "backward_s": [0.0] * n, "optimizer_s": [0.0] * n}
         comm_s = 0.0

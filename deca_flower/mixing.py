@@ -60,10 +60,16 @@ class Mixing:
         )
 
     def begin_block(
-        self, k: int, blocks: Mapping[int, torch.Tensor], saved: SavedState | None = None
+        self,
+        k: int,
+        blocks: Mapping[int, torch.Tensor],
+        saved: SavedState | None = None,
+        members: tuple[int, ...] = (),
+        first_phase: bool = True,
     ) -> None:
-        """Block k starts training (`blocks`: the fresh blocks, by rank). Stateless rules
-        ignore it."""
+        """Block k starts training (`blocks`: the fresh blocks, by rank; `members`: the run
+        ranks mixing in this phase; `first_phase`: the block's first phase of the run, when
+        every client holds the same block). Stateless rules ignore it."""
 
     def block_state(self, rank: int, k: int) -> dict[str, torch.Tensor] | None:
         """The state to commit with block k of `rank` (None: this rule keeps none)."""
@@ -167,19 +173,35 @@ class ChocoGossip(Mixing):
         self.active = -1
 
     def begin_block(
-        self, k: int, blocks: Mapping[int, torch.Tensor], saved: SavedState | None = None
+        self,
+        k: int,
+        blocks: Mapping[int, torch.Tensor],
+        saved: SavedState | None = None,
+        members: tuple[int, ...] = (),
+        first_phase: bool = True,
     ) -> None:
-        """A block's first phase starts its state from the block as loaded (all clients
-        agree on it); `saved` (a node's store) replaces what is held in memory."""
+        """Each rank's state of block k: as kept (in memory, or `saved` in a node's store)
+        if it was built with these `members`; else a fresh one. A block's first phase
+        starts from the block itself (all clients agree on it); after a membership change
+        (a lost or healed site) every member restarts from x_hat = 0 (`ChocoState.restart`),
+        since c_i was summed over another mixing matrix."""
         self.active = k
+        members = tuple(members)
         if saved is not None:
             self.states = {}
         for rank, block in blocks.items():
-            stored = None if saved is None else saved(rank)
-            if stored is not None:
-                self.states[(rank, k)] = ChocoState.from_tensors(stored, block.device)
-            elif (rank, k) not in self.states:
-                self.states[(rank, k)] = ChocoState.start(block)
+            stored = saved(rank) if saved is not None else None
+            state = (
+                ChocoState.from_tensors(stored, block.device)
+                if stored is not None
+                else self.states.get((rank, k))
+            )
+            if state is not None and state.members == members:
+                self.states[(rank, k)] = state
+            elif state is None and first_phase:
+                self.states[(rank, k)] = ChocoState.start(block, members)
+            else:
+                self.states[(rank, k)] = ChocoState.restart(block, members)
 
     def block_state(self, rank: int, k: int) -> dict[str, torch.Tensor] | None:
         return self.states[(rank, k)].tensors()

@@ -59,6 +59,7 @@ class PhasePlan:
     weights: list[float]
     self_weight: float
     store_key: str = ""  # the run's key (hex) from the coordinator; "" = none (plaintext only)
+    members: tuple[int, ...] = ()  # the run ranks mixing in this phase (all but lost sites)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def weight_map(self) -> dict[int, float]:
@@ -143,7 +144,9 @@ class Node:
                 try:
                     # A stateful rule's (CHOCO's) state of block k, as committed with it.
                     saved = lambda _rank, k=k: self.store.block_state(k)  # noqa: E731
-                    self.mixer.begin_block(k, {plan.rank: peer.block}, saved)
+                    self.mixer.begin_block(
+                        k, {plan.rank: peer.block}, saved, plan.members, plan.round == 0
+                    )
                     for r in range(plan.steps):
                         # The last step's prefix would run through the block being mixed.
                         prefetch = self.cfg.gossip.overlap and r < plan.steps - 1

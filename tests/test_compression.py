@@ -206,6 +206,56 @@ def test_choco_stays_within_a_bounded_distance_of_exact_mixing() -> None:
     assert max(run["perturbations"]) < 1e-3 * math.sqrt(6 * 1024) / 50
 
 
+def _choco_through_membership_changes(
+    restart: bool, steps: int = 12
+) -> list[float]:
+    """Six ring clients mix one block through `ChocoGossip` (the engine's path) while rank 2
+    is lost (phase 2) and healed (phase 3, copying its donor's block, as `heal.py` does).
+    Returns, per step, how far the mix moved the members' mean (float64 norm)."""
+    import networkx as nx
+
+    from deca_flower.membership import full_membership, heal_donor, with_members, without
+    from deca_flower.mixing import ChocoGossip
+    from deca_flower.topology import mixing_matrix
+
+    graph = nx.cycle_graph(6)
+    full_w = mixing_matrix(graph)
+    mixer = ChocoGossip(Int8Codec(128))
+    gen = torch.Generator().manual_seed(3)
+    x = {i: _vector(1024) for i in range(6)}  # identical start
+    full = full_membership(graph, full_w)
+    lost = without(full, {2}, graph, "metropolis", 2)
+    healed = with_members(lost, set(range(6)), graph, full_w, "metropolis")
+    means = []
+    for phase, m in enumerate([full, full, lost, healed]):
+        if phase == 3:  # the heal: rank 2 takes its donor's block, without CHOCO state
+            x[2] = x[heal_donor(2, lost, graph)].clone()
+            mixer.forget(2, [0])
+        members = m.members if restart else full.members  # the control keeps stale state
+        blocks = {i: x[i] for i in m.members}
+        mixer.begin_block(0, blocks, members=members, first_phase=phase == 0)
+        for _ in range(steps):
+            half = {i: v + torch.randn(1024, generator=gen) * 1e-3 for i, v in blocks.items()}
+            mixed = mixer.mix_in_process(m.weights, half, torch.float32)
+            before = torch.stack(list(half.values())).double().mean(0)
+            after = torch.stack(list(mixed.values())).double().mean(0)
+            means.append(float((after - before).norm()))
+            blocks = mixed
+        x.update(blocks)
+    return means
+
+
+def test_choco_state_restarts_when_members_change() -> None:
+    """Invariant 5 (mixing keeps the members' average) holds through a lost and a healed
+    site only because every member restarts its CHOCO state on a new W: the stale c_i
+    still sums over the old matrix, and the control shows the average drifting."""
+    step = 1e-3 * math.sqrt(1024)  # one client's local update, in norm
+    assert max(_choco_through_membership_changes(restart=True)) < 1e-4 * step  # fp32 rounding
+    stale = _choco_through_membership_changes(restart=False)
+    assert max(stale[:24]) < 1e-4 * step  # phases 0 and 1: the same W, the state holds
+    assert min(stale[24:]) > 1e-2 * step  # phases 2 and 3: c_i sums over the old W
+
+
 # ---------------------------------------------------------------------------- engine vs nodes
 
 
