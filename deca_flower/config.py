@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from deca_flower.blocks import BLOCK_ORDERS
+from deca_flower.compression import FORMATS
 from deca_flower.generation import is_generation_task
 from deca_flower.methods import METHODS
 from deca_flower.optim import BIAS_CORRECTIONS, DISCREPANCY_REFS, DISCREPANCY_SCALES
@@ -146,8 +147,16 @@ class GossipConfig:
     advertise_host: str = "127.0.0.1"  # address peers use to reach the coordinator's store
     # aes-256-gcm: every block sealed per edge, rendezvous authenticated (docs/security.md);
     # none: plaintext data plane, only for a trusted network (printed and recorded as such).
-    # NCCL (gossip.backend=nccl) is always plaintext.
+    # NCCL (gossip.backend=nccl) is always plaintext. Seals the wire tensor of any
+    # gossip.compression format.
     encryption: str = "aes-256-gcm"
+    # Wire format (deca_flower/compression.py): none = algorithm.wire_dtype as before;
+    # float32 | bf16: a cast; int8 | topk: CHOCO-Gossip error feedback (Koloskova et al. 2019)
+    compression: str = "none"
+    chunk_size: int = 256  # int8: elements per fp32 scale (overhead 4 / chunk_size bytes each)
+    topk_fraction: float = 0.01  # topk: share of the block's entries sent per step
+    consensus_step: float = 1.0  # int8 | topk: CHOCO's gamma in (0, 1]; 1 = eq (7) if lossless
+    overlap: bool = False  # next minibatch's frozen layers run while the exchange is in flight
 
 
 @dataclass
@@ -222,6 +231,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.method": tuple(METHODS),
     "gossip.backend": ("auto", "gloo", "nccl"),
     "gossip.encryption": ENCRYPTIONS,
+    "gossip.compression": FORMATS,
     "flower.phase": ("auto", "block", "round"),
     "faults.on_peer_loss": ("continue", "wait", "stop"),
     "data.partitioner": (None, *PARTITIONERS),
@@ -251,6 +261,7 @@ POSITIVE = (
     "eval.batch_size",
     "eval.every_rounds",
     "gossip.timeout_s",
+    "gossip.chunk_size",
     "algorithm.lora_rank",
     "algorithm.lora_alpha",
     "algorithm.adapter_bottleneck",
@@ -326,6 +337,7 @@ def validate(cfg: DictConfig) -> None:
             f"model.gradient_checkpointing is not supported with algorithm.method={method.name} "
             "(adapter training keeps little activation memory anyway): set it to false"
         )
+    _validate_compression(cfg, method)
     if cfg.topology.name == "file" and not cfg.topology.path:
         raise ConfigError("topology.name=file needs topology.path (an edge list file)")
     _check_timeout_order(cfg)
@@ -453,6 +465,28 @@ def _validate_split(data: DictConfig) -> None:
         )
     if data.shard_size is not None and data.shard_size < 1:
         raise ConfigError(f"data.shard_size must be >= 1 or null, got {data.shard_size}")
+
+
+def _validate_compression(cfg: DictConfig, method: Any) -> None:
+    gossip = cfg.gossip
+    for key in ("topk_fraction", "consensus_step"):
+        value = gossip[key]
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"gossip.{key} must be in (0, 1], got {value}")
+    if gossip.compression == "none":
+        return
+    if cfg.algorithm.wire_dtype != "float32":
+        raise ConfigError(
+            f"gossip.compression={gossip.compression} sets the wire format itself; leave "
+            f"algorithm.wire_dtype at float32 (got {cfg.algorithm.wire_dtype!r}), or set "
+            "gossip.compression=none to send the model dtype"
+        )
+    if method.mixing != "average":
+        raise ConfigError(
+            f"gossip.compression={gossip.compression} applies to averaging methods (eq 7); "
+            f"algorithm.method={method.name} mixes with {method.mixing!r}: set "
+            "gossip.compression=none"
+        )
 
 
 def bma_weights(cfg: DictConfig) -> tuple[float, float] | None:

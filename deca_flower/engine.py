@@ -40,6 +40,8 @@ from deca_flower.task import (
     RunData,
     build_topology,
     clone_sharing_frozen,
+    compression_codec,
+    gossip_codec,
     load_base_model,
     make_partition,
     make_stream,
@@ -79,7 +81,11 @@ class Engine:
         self.peers = self._build_peers()
         self.steps = steps_per_phase(cfg, self.peers[0].model)
         self.wire = wire_dtype(cfg)
-        self.mixer = self.method.mixer(self.peers[0].partition)
+        # The byte counts of the wire; the mixing rule, over gossip.compression's wire.
+        self.codec = gossip_codec(cfg)
+        self.mixer = self.method.mixer(
+            self.peers[0].partition, compression_codec(cfg), cfg.gossip.consensus_step
+        )
         self.run_dir = RunDir(out_dir or cfg.output_dir, cfg.run_name, cfg)
         self.progress = Progress(self.total_phases)
         # faults.inject replays lost sites: from that phase on the run goes on without them,
@@ -164,6 +170,7 @@ class Engine:
             for k in blocks:
                 for p, q in zip(mine.parameters(k), theirs.parameters(k), strict=True):
                     p.copy_(q)
+            self.mixer.forget(rank, blocks)  # as a node's heal commits them without state
             hashes = [block_hash(mine.parameters(k)) for k in blocks]
             self.run_dir.log({"type": "heal", "phase": self.phase, "rank": rank, "from": donor,
                               "blocks": blocks, "hashes": hashes})  # fmt: skip
@@ -187,6 +194,12 @@ class Engine:
         peers = [self.peers[r] for r in self.members]
         for peer in peers:
             peer.begin_block(k)
+        # Stateful rules (CHOCO) keep their state per block across its phases, as the nodes
+        # keep it in their state stores.
+        self.mixer.begin_block(
+            k, {peer.rank: peer.block for peer in peers}, members=tuple(self.members),
+            first_phase=t == 0,
+        )
         n = len(self.peers)
         timing = {"forward_s": [0.0] * n, "backward_s": [0.0] * n, "optimizer_s": [0.0] * n}
         comm_s = 0.0
@@ -260,14 +273,13 @@ class Engine:
 
     def _log_phase(self, t: int, k: int, numel: int, timing: dict, comm_s: float) -> None:
         steps = self.steps
-        element = torch.empty((), dtype=self.wire).element_size()
         degrees = [
             len(self.membership.neighbours(i))
             if self.method.communicates and i in self.members
             else 0
             for i in range(len(self.peers))
         ]
-        sent = [numel * element * d * steps for d in degrees]
+        sent = [self.codec.wire_bytes(numel) * d * steps for d in degrees]
         self.run_dir.log(
             {
                 "type": "phase",

@@ -17,16 +17,27 @@ Wire protocol of one :class:`GossipGroup`:
    float64 vector (rank, numel, block id, wire dtype). Neighbours on another block or with
    another size are reported before any payload moves, because Gloo aborts the whole process
    when a payload is larger than the receive buffer.
-3. payload (a tag derived from the header), every step: exactly ``numel`` elements of the
-   wire dtype to each neighbour and nothing else (invariant 12).
+3. payload (a tag derived from the header), every step: one wire tensor of
+   ``codec.wire_numel(numel)`` elements to each neighbour and nothing else (invariant 12).
+   The codec (:mod:`deca_flower.compression`, ``gossip.compression``) turns the fp32 block
+   into that tensor and back; by default it is the plain ``algorithm.wire_dtype`` cast.
+
+Layering of one exchange: ``encode`` (block -> wire tensor of a size known from ``numel``)
+-> ``_transfer`` (the wire tensor, byte for byte: plain ``_run_p2p``, or sealed in chunks
+when encrypted) -> ``decode``. A codec with error feedback
+(int8, top-k: CHOCO-Gossip) keeps per-node state, so its caller encodes and decodes and
+hands this module the wire tensor only (:meth:`GossipGroup.exchange_wire`).
 
 Security (``gossip.encryption``, default ``aes-256-gcm``; ``docs/security.md``): with the
 run's key every store value carries an HMAC (:class:`~deca_flower.secure_channel.
 AuthenticatedStore`, also under Gloo's own rendezvous), the join entry carries a fresh X25519
 public key, and the header and every payload travel sealed per directed edge in 8 MiB
 AES-256-GCM chunks (:class:`~deca_flower.sealed_p2p.SealedLinks`), all verified before
-anything is mixed. Without the key an encrypted group refuses to start; ``"none"`` is
-plaintext (the store is still authenticated when a key is given); NCCL is always plaintext.
+anything is mixed. What is sealed is the codec's wire tensor (``encode`` -> seal -> send ->
+open -> ``decode``), so compressed formats are encrypted exactly like the plain cast; the
+AAD names the format's code and the wire tensor's element count. Without the key an
+encrypted group refuses to start; ``"none"`` is plaintext (the store is still authenticated
+when a key is given); NCCL is always plaintext.
 
 Mixing order (shared with the in-process engine through :func:`mix_blocks`)::
 
@@ -39,13 +50,14 @@ so a multi-process run and the in-process engine agree bit for bit.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import socket
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,6 +65,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deca_flower.compression import CastCodec, Codec
 from deca_flower.gossip_errors import GossipError, GossipSecurityError
 from deca_flower.sealed_p2p import SealedLinks, WireChunk, WireTap
 from deca_flower.secure_channel import (
@@ -106,11 +119,14 @@ _SYMMETRY_TOL = 1e-9
 class GossipStats:
     """Traffic counters of one group (bytes this peer sent / received).
 
-    ``bytes_sent``/``bytes_received`` count block payload only (invariant 12); the per-group
-    header goes to ``control_bytes`` (sent). ``seconds`` is wall time inside exchanges.
+    ``bytes_sent``/``bytes_received`` count block payload only (invariant 12): exactly the
+    wire tensors (codes and scales of a compressed format); the per-group header goes to
+    ``control_bytes`` (sent). ``seconds`` is wall time inside exchanges, ``overlapped_s`` the
+    part of it spent computing while the transfer was in flight (``during=``), so the time
+    blocked on the network is ``seconds - overlapped_s``.
     ``wire_bytes_sent``/``wire_bytes_received`` count what the block payload took on the wire:
-    with encryption, the payload plus one 16-byte tag per chunk; ``crypto_seconds`` is the
-    time spent sealing and opening (partly overlapped with the transfer).
+    with encryption, the wire tensor plus one 16-byte tag per chunk; ``crypto_seconds`` is
+    the time spent sealing and opening (partly overlapped with the transfer).
     """
 
     bytes_sent: int = 0
@@ -121,6 +137,7 @@ class GossipStats:
     wire_bytes_sent: int = 0
     wire_bytes_received: int = 0
     crypto_seconds: float = 0.0
+    overlapped_s: float = 0.0
 
 
 def host_store(
@@ -406,6 +423,7 @@ class GossipGroup:
         store_key: str | bytes | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         tap: WireTap | None = None,
+        codec: Codec | None = None,
     ) -> None:
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -416,7 +434,10 @@ class GossipGroup:
         self.group_name = group_name
         self.device = self._normalise_device(device)
         self.backend = choose_backend(backend, self.device)
-        self.wire_dtype = resolve_wire_dtype(wire_dtype)
+        if codec is not None and wire_dtype is not None:
+            raise ValueError("give GossipGroup a wire_dtype or a codec, not both")
+        self.codec = codec if codec is not None else CastCodec(resolve_wire_dtype(wire_dtype))
+        self.wire_dtype = self.codec.wire_dtype
         self.timeout_s = float(timeout_s)
         self.stats = GossipStats()
         self._auth: AuthenticatedStore | None = None
@@ -690,29 +711,93 @@ class GossipGroup:
 
     # ------------------------------------------------------------------ exchange
 
-    def exchange(self, block: torch.Tensor, *, block_id: int = -1) -> dict[int, torch.Tensor]:
+    def exchange(
+        self,
+        block: torch.Tensor,
+        *,
+        block_id: int = -1,
+        during: Callable[[], object] | None = None,
+    ) -> dict[int, torch.Tensor]:
         """Send ``block`` to every neighbour and return ``{rank: their block}`` in fp32.
 
+        The block goes through the group's codec (encode -> wire -> decode); the codec must
+        be stateless (a cast): error-feedback codecs go through :meth:`exchange_wire`.
         The returned tensors are buffers reused by the next call: read (or copy) them first.
         ``block_id`` identifies the active block so a neighbour on another block of the same
-        size is caught. Raises :class:`GossipError` naming the neighbour on failure.
+        size is caught. ``during`` (optional) runs while the transfer is in flight: compute
+        that does not depend on the result (the next minibatch's frozen layers).
+        Raises :class:`GossipError` naming the neighbour on failure.
         """
+        if self.codec.error_feedback:
+            raise ValueError(
+                f"the {self.codec.name} codec keeps error-feedback state: encode with a "
+                "ChocoMixer and call exchange_wire"
+            )
         self._check_block(block)
+        numel = block.numel()
+        received = self._exchange(numel, block_id, lambda: self._encode(block), during)
+        self.check_finite(block, received)
+        return received
+
+    def exchange_wire(
+        self,
+        wire: torch.Tensor,
+        *,
+        numel: int,
+        block_id: int = -1,
+        during: Callable[[], object] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Send an already encoded message of a ``numel``-element block; return the
+        neighbours' wire tensors (on this group's device, reused by the next call)."""
+        self._check_open()
+        want = (self.codec.wire_dtype, self.codec.wire_numel(numel))
+        if wire.dim() != 1 or (wire.dtype, wire.numel()) != want or not wire.is_contiguous():
+            raise ValueError(
+                f"{self.codec.name} wire for {numel} elements must be a contiguous 1-D "
+                f"{want[0]} tensor of {want[1]} elements, got {wire.dtype} {tuple(wire.shape)}"
+            )
+
+        def staged() -> torch.Tensor:
+            send = self._buffers["send"]
+            if send is None:
+                return wire
+            send.copy_(wire)
+            return send
+
+        return self._exchange(numel, block_id, staged, during)
+
+    def check_finite(self, block: torch.Tensor, received: dict[int, torch.Tensor]) -> None:
+        """Raise :class:`GossipError` naming every rank whose (decoded) block is not finite."""
+        try:
+            self._check_finite(block, received)
+        except GossipError:
+            self._broken = True
+            raise
+
+    def _exchange(
+        self,
+        numel: int,
+        block_id: int,
+        encode: Callable[[], torch.Tensor],
+        during: Callable[[], object] | None,
+    ) -> dict[int, torch.Tensor]:
+        """Handshake if the block changed, encode, move the wire tensors (sealed when
+        encrypted), decode."""
         start = time.perf_counter()
         try:
-            key = (block.numel(), int(block_id))
+            key = (numel, int(block_id))
             if key != self._key:
                 self._prepare(key)
-            self._transfer(block, int(block_id))
-            received = self._unstage()
-            self._check_finite(block, received)
+            send = encode()
+            self._transfer(send, int(block_id), during)
+            received = self._decode(numel)
         except GossipError:
             self._broken = True
             raise
         finally:
             self.stats.seconds += time.perf_counter() - start
             self._step += 1  # also after a failure: a step number is never sealed twice
-        payload = block.numel() * self._wire_size() * self.degree
+        payload = send.numel() * send.element_size() * self.degree
         if not self.encrypted:
             self.stats.wire_bytes_sent += payload
             self.stats.wire_bytes_received += payload
@@ -722,7 +807,12 @@ class GossipGroup:
         return received
 
     def mix(
-        self, block: torch.Tensor, *, block_id: int = -1, out: torch.Tensor | None = None
+        self,
+        block: torch.Tensor,
+        *,
+        block_id: int = -1,
+        out: torch.Tensor | None = None,
+        during: Callable[[], object] | None = None,
     ) -> torch.Tensor:
         """Exchange, then return ``sum_j w_ij x_j`` over neighbours and self (eq. 7).
 
@@ -734,7 +824,7 @@ class GossipGroup:
             block.untyped_storage().data_ptr()
         ):
             raise ValueError("mix(out=...) must not alias the input block")
-        received = self.exchange(block, block_id=block_id)
+        received = self.exchange(block, block_id=block_id, during=during)
         blocks = {**received, self.rank: block}
         weights = {**self.weights, self.rank: self.self_weight}
         return mix_blocks(blocks, weights, out=out)
@@ -820,12 +910,10 @@ class GossipGroup:
                 "join a new group"
             )
 
-    def _wire_size(self) -> int:
-        return torch.empty((), dtype=self.wire_dtype).element_size()
-
     @property
-    def _wire_code(self) -> int:
-        return _WIRE_CODES[self.wire_dtype]
+    def _wire_code(self) -> int | str:
+        # Plain casts keep the old integer codes; compressed formats name their parameters.
+        return self.codec.code if isinstance(self.codec, CastCodec) else self.codec.describe()
 
     def _check_block(self, block: torch.Tensor) -> None:
         self._check_open()
@@ -842,23 +930,28 @@ class GossipGroup:
         numel, block_id = key
         self._handshake(numel, block_id)
         wire, comm, dev = self.wire_dtype, self._comm_device, self.device
+        size = self.codec.wire_numel(numel)
         pin = comm.type == "cpu" and dev.type == "cuda"
-        staged = wire != torch.float32 or comm != dev
+        cast = isinstance(self.codec, CastCodec)
+        # A cast to fp32 on the comm device sends the block itself; anything else is staged.
+        staged = comm != dev or (cast and wire != torch.float32)
         bufs: dict[str, Any] = {
-            "send": torch.empty(numel, dtype=wire, device=comm, pin_memory=pin) if staged else None,
+            "send": torch.empty(size, dtype=wire, device=comm, pin_memory=pin) if staged else None,
             "recv": {
-                j: torch.empty(numel, dtype=wire, device=comm, pin_memory=pin)
+                j: torch.empty(size, dtype=wire, device=comm, pin_memory=pin)
                 for j in self.neighbours
             },
         }
+        out_dtype = torch.float32 if cast else wire
         bufs["out"] = (
-            {j: torch.empty(numel, dtype=torch.float32, device=dev) for j in self.neighbours}
+            {j: torch.empty(size, dtype=out_dtype, device=dev) for j in self.neighbours}
             if staged
             else bufs["recv"]
         )
         if self.encrypted:
             # Reused every step: fresh buffers would cost more than the cipher (page faults).
-            size = ChunkSealer(numel * self._wire_size(), self.chunk_bytes).sealed_bytes
+            # Sealed is the wire tensor (codes and scales of a compressed format), not the block.
+            size = ChunkSealer(self.codec.wire_bytes(numel), self.chunk_bytes).sealed_bytes
             bufs["sealed_send"] = {j: torch.empty(size, dtype=torch.uint8) for j in self.neighbours}
             bufs["sealed_recv"] = {j: torch.empty(size, dtype=torch.uint8) for j in self.neighbours}
         self._buffers = bufs
@@ -866,10 +959,11 @@ class GossipGroup:
         # A per-size tag: if neighbours ever disagree on the size without a new handshake,
         # Gloo times out on unmatched tags instead of aborting the process on a size mismatch.
         # Sealed chunk c goes with tag + c (< 2**24 chunks: the nonce's chunk field).
-        self._tag = 1 + zlib.crc32(f"{numel}:{block_id}:{wire}".encode()) % (2**30)
+        ident = wire if cast else self.codec.describe()
+        self._tag = 1 + zlib.crc32(f"{numel}:{block_id}:{ident}".encode()) % (2**30)
 
     def _handshake(self, numel: int, block_id: int) -> None:
-        code = self._wire_code
+        code = self.codec.code
         mine = [_HEADER_MAGIC, self.rank, numel, block_id, code]
         header = torch.tensor(mine, dtype=torch.float64, device=self._comm_device)
         recv = {j: torch.empty_like(header) for j in self.neighbours}
@@ -894,33 +988,59 @@ class GossipGroup:
                 f"rank {self.rank}, group {self.group_name!r}: "
                 + "; ".join(problems)
                 + " (all peers of a phase must train the same block of the same model with "
-                "the same algorithm.wire_dtype and train.layers_per_block)"
+                "the same algorithm.wire_dtype, gossip.compression and train.layers_per_block)"
             )
 
-    def _transfer(self, block: torch.Tensor, block_id: int) -> None:
-        send = self._buffers["send"]
-        if send is not None:
-            send.copy_(block, non_blocking=send.is_pinned())
-            if block.is_cuda and send.device.type == "cpu":
-                torch.cuda.current_stream(block.device).synchronize()  # pinned copy is async
-        else:
-            send = block
+    def _transfer(
+        self, send: torch.Tensor, block_id: int, during: Callable[[], object] | None
+    ) -> None:
+        """Move the wire tensor ``send`` (already encoded) to every neighbour and theirs into
+        the receive buffers: as is, or sealed chunk by chunk per edge when encrypted."""
         if not self.encrypted:
-            self._run_p2p(send, self._buffers["recv"], self._tag, what="block")
+            self._run_p2p(send, self._buffers["recv"], self._tag, what="block", during=during)
             return
         bufs = self._buffers
         sends = {j: (send, bufs["sealed_send"][j]) for j in self.neighbours}
         recvs = {j: (bufs["sealed_recv"][j], bufs["recv"][j]) for j in self.neighbours}
-        ctx = self._links.ctx(KIND_PAYLOAD, block_id, self._wire_code)
-        self._sealed("block", ctx, self._step, self._tag, sends, recvs, block_id=block_id)
+        # The AAD names the wire format's code and the wire tensor's numel (what is sent).
+        ctx = self._links.ctx(KIND_PAYLOAD, block_id, self.codec.code)
+        # `during` runs once every chunk is sealed and posted, while the sealed chunks are in
+        # flight and before any is opened (all are still verified before anything is mixed).
+        overlap = None if during is None else functools.partial(self._run_during, during)
+        self._sealed(
+            "block", ctx, self._step, self._tag, sends, recvs, block_id=block_id, during=overlap
+        )
         self.stats.wire_bytes_sent += sum(b.numel() for _, b in sends.values())
         self.stats.wire_bytes_received += sum(b.numel() for b, _ in recvs.values())
 
+    def _encode(self, block: torch.Tensor) -> torch.Tensor:
+        """The wire tensor of ``block`` on the comm device (the block itself for fp32)."""
+        send = self._buffers["send"]
+        if not isinstance(self.codec, CastCodec):
+            wire = self.codec.encode(block)
+            if send is None:
+                return wire
+            send.copy_(wire)
+            return send
+        if send is None:
+            return block
+        send.copy_(block, non_blocking=send.is_pinned())
+        if block.is_cuda and send.device.type == "cpu":
+            torch.cuda.current_stream(block.device).synchronize()  # pinned copy is async
+        return send
+
     def _run_p2p(
-        self, send: torch.Tensor, recv: dict[int, torch.Tensor], tag: int, *, what: str
+        self,
+        send: torch.Tensor,
+        recv: dict[int, torch.Tensor],
+        tag: int,
+        *,
+        what: str,
+        during: Callable[[], object] | None = None,
     ) -> None:
-        """Post all sends and receives at once, then wait under one shared deadline."""
+        """Post all sends and receives at once, run ``during``, then wait under one deadline."""
         if not self.neighbours:
+            self._run_during(during)
             return
         ops = [dist.P2POp(dist.isend, send, j, tag=tag) for j in self.neighbours]
         ops += [dist.P2POp(dist.irecv, recv[j], j, tag=tag) for j in self.neighbours]
@@ -935,6 +1055,7 @@ class GossipGroup:
             ) from exc
         if len(works) != len(ops):  # NCCL coalesces the batch into one work
             labels, peers = [f"exchanging the {what} with"], [self.neighbours]
+        self._run_during(during)
         deadline = time.monotonic() + self.timeout_s
         for work, label, peer in zip(works, labels, peers, strict=False):
             # timedelta(0) would mean "the group default"; keep at least 1 ms left.
@@ -943,6 +1064,15 @@ class GossipGroup:
                 work.wait(left)
             except (RuntimeError, dist.DistError) as exc:
                 raise self._p2p_error(label, peer, exc) from exc
+
+    def _run_during(self, during: Callable[[], object] | None) -> None:
+        if during is None:
+            return
+        start = time.perf_counter()
+        try:
+            during()
+        finally:
+            self.stats.overlapped_s += time.perf_counter() - start
 
     def _p2p_error(self, label: str, peer: int | list[int], exc: BaseException) -> GossipError:
         text = _first_line(exc)
@@ -960,12 +1090,15 @@ class GossipGroup:
             f"Backend said: {text}"
         )
 
-    def _unstage(self) -> dict[int, torch.Tensor]:
+    def _decode(self, numel: int) -> dict[int, torch.Tensor]:
+        """Cast codecs: fp32 blocks on the block's device; others: their wire tensors there."""
         out, recv = self._buffers["out"], self._buffers["recv"]
-        if out is not recv:
-            for j in self.neighbours:
-                out[j].copy_(recv[j])  # cast from the wire dtype / move to the block's device
-        return dict(out)
+        if isinstance(self.codec, CastCodec) or self.codec.error_feedback:
+            if out is not recv:
+                for j in self.neighbours:
+                    out[j].copy_(recv[j])  # cast from the wire dtype / move to the device
+            return dict(out)
+        return {j: self.codec.decode(recv[j].to(self.device), numel) for j in self.neighbours}
 
     def _check_finite(self, block: torch.Tensor, received: dict[int, torch.Tensor]) -> None:
         """Name every neighbour (and this rank) whose block holds NaN/Inf."""

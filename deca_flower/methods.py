@@ -30,6 +30,7 @@ from deca_flower.adapters import (
     is_lora_parameter,
 )
 from deca_flower.blocks import BlockPartition, find_decoder_layers
+from deca_flower.compression import Codec
 from deca_flower.mixing import MIXINGS, Mixing
 
 
@@ -53,9 +54,17 @@ class Method:
     def uses_bma(self) -> bool:
         return self.name == "deca"
 
-    def mixer(self, partition: BlockPartition | AdapterPartition) -> Mixing:
-        """The method's mixing rule, for blocks of `partition`."""
-        return MIXINGS[self.mixing](partition)
+    def mixer(
+        self,
+        partition: BlockPartition | AdapterPartition,
+        codec: Codec | None = None,
+        consensus_step: float = 1.0,
+    ) -> Mixing:
+        """The method's mixing rule, for blocks of `partition`; over `codec` (the
+        `gossip.compression` wire, `task.compression_codec`) unless that is None (the plain
+        `algorithm.wire_dtype` wire). `consensus_step`: CHOCO's gamma (int8 | topk)."""
+        rule = MIXINGS[self.mixing](partition)
+        return rule if codec is None else rule.compressed(codec, consensus_step)
 
     def training_sets(self, num_clients: int) -> list[list[int]]:
         """Per model the run trains, the clients whose training data it learns from."""

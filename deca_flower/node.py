@@ -30,13 +30,14 @@ from deca_flower.reporting import peak_memory_bytes
 from deca_flower.state_store import NodeStateStore
 from deca_flower.task import (
     RunData,
+    compression_codec,
+    gossip_codec,
     load_base_model,
     make_partition,
     make_stream,
     prepare_data,
     prepare_local_data,
     resolve_device,
-    wire_dtype,
 )
 from deca_flower.task_kinds import make_task
 
@@ -58,6 +59,7 @@ class PhasePlan:
     weights: list[float]
     self_weight: float
     store_key: str = ""  # the run's key (hex) from the coordinator; "" = none (plaintext only)
+    members: tuple[int, ...] = ()  # the run ranks mixing in this phase (all but lost sites)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def weight_map(self) -> dict[int, float]:
@@ -85,7 +87,8 @@ class Node:
         self.peer = Peer(rank, model, partition, stream, cfg)
         self.method = get_method(cfg)
         self.steps_per_phase = steps_per_phase(cfg, model)
-        self.mixer = self.method.mixer(partition)
+        self.codec = gossip_codec(cfg)  # the group's wire
+        self.mixer = self.method.mixer(partition, compression_codec(cfg), cfg.gossip.consensus_step)
         self.task = make_task(cfg)
         self.broken = False
         self.last_phase = -1
@@ -130,17 +133,29 @@ class Node:
             "bytes_sent": 0,
             "bytes_received": 0,
             "commit_s": 0.0,
+            "overlapped_s": 0.0,
         }
         self.store.discard_staged()
         block_stats: list[dict[str, Any]] = []
+        ef_states: dict[int, dict[str, torch.Tensor]] = {}  # committed with their blocks
         with self._group(plan) as group:
             for k in plan.blocks:
                 peer.begin_block(k)
                 try:
-                    for _ in range(plan.steps):
-                        self._inner_step(group, k, stats)
+                    # A stateful rule's (CHOCO's) state of block k, as committed with it.
+                    saved = lambda _rank, k=k: self.store.block_state(k)  # noqa: E731
+                    self.mixer.begin_block(
+                        k, {plan.rank: peer.block}, saved, plan.members, plan.round == 0
+                    )
+                    for r in range(plan.steps):
+                        # The last step's prefix would run through the block being mixed.
+                        prefetch = self.cfg.gossip.overlap and r < plan.steps - 1
+                        self._inner_step(group, k, stats, prefetch)
                     stats["block_numel"] = peer.opt.numel
                     block_stats.append(peer.opt.step_stats())
+                    state = self.mixer.block_state(plan.rank, k)
+                    if state is not None:
+                        ef_states[k] = state
                 finally:
                     peer.end_block()
             stats["bytes_sent"] = group.stats.bytes_sent
@@ -155,6 +170,7 @@ class Node:
                 peer.partition.named_parameters(k),
                 plan.phase,
                 extra={"stream": peer.stream.state_dict()},
+                state=ef_states.get(k),
             )
         self.store.commit_staged()
         stats["commit_s"] = time.perf_counter() - t0
@@ -164,13 +180,24 @@ class Node:
         stats["train_state_bytes"] = peer.train_state_bytes
         return stats
 
-    def _inner_step(self, group: GossipGroup, k: int, stats: dict[str, Any]) -> None:
+    def _inner_step(
+        self,
+        group: GossipGroup,
+        k: int,
+        stats: dict[str, Any],
+        prefetch: bool = False,
+    ) -> None:
         result = self.peer.local_step()
         t0 = time.perf_counter()
-        self.mixer.mix_on_node(group, self.peer.block, k)  # eq (7) or the method's rule
-        stats["communication_s"] += time.perf_counter() - t0
+        overlapped = group.stats.overlapped_s
+        # Eq (7) or the method's rule; the next minibatch's frozen prefix runs meanwhile.
+        self.mixer.mix_on_node(group, self.peer.block, k, self.peer.prefetch if prefetch else None)
+        overlapped = group.stats.overlapped_s - overlapped
+        # Time blocked on the exchange; the prefix forward run meanwhile counts as forward.
+        stats["communication_s"] += time.perf_counter() - t0 - overlapped
+        stats["overlapped_s"] += overlapped
         stats["optimizer_s"] += result.optimizer_s + self.peer.consensus_update()
-        stats["forward_s"] += result.forward_s
+        stats["forward_s"] += result.forward_s + overlapped
         stats["backward_s"] += result.backward_s
         stats["loss"].append(result.loss)
 
@@ -186,10 +213,10 @@ class Node:
             group_name=plan.group_name,
             backend=self.cfg.gossip.backend,
             device=self.device,
-            wire_dtype=wire_dtype(self.cfg),
             timeout_s=self.cfg.gossip.timeout_s,
             encryption=self.cfg.gossip.encryption,
             store_key=plan.store_key or None,
+            codec=self.codec,
         )
 
     # ------------------------------------------------------------------ evaluation

@@ -245,6 +245,7 @@ def _plan(req: NodeRequest) -> PhasePlan:
         weights=[float(w) for w in r["weights"]],
         self_weight=float(r["self_weight"]),
         store_key=str(r.get("store_key", "")),
+        members=tuple(int(j) for j in r.get("members", ())),
     )
 
 

@@ -135,19 +135,26 @@ class SealedLinks:
         *,
         timeout_s: float,
         block_id: int = -1,
+        during: Callable[[], object] | None = None,
     ) -> None:
         """Seal each ``sends`` plaintext chunk by chunk to its peer while receiving and
         opening ``recvs``.
 
         All receives are posted first; chunk k's sends go out before chunk k+1 is sealed, and
         chunks are opened as they arrive, so the cipher overlaps the transfer (the AEAD calls
-        release the GIL). Every chunk from every peer is verified before this returns; any
+        release the GIL). ``during`` (optional) runs once every chunk is sealed and posted,
+        before any is opened: compute that overlaps the transfer and reads none of its
+        buffers. Every chunk from every peer is verified before this returns; any
         failure raises :class:`GossipSecurityError` naming the peers, so no caller can mix a
         half-verified block.
         """
         deadline = time.monotonic() + timeout_s
         incoming = self._post_recvs(what, tag, recvs)
         outgoing = self._post_sends(what, ctx, step, tag, sends, block_id)
+        if during is not None:
+            t0 = time.monotonic()
+            during()
+            deadline += time.monotonic() - t0  # local compute is not a wait on the network
         failures: dict[int, SealedOpenError] = {}
         for peer, c, work, sealer in incoming:
             self._wait(work, deadline, f"receiving {what} chunk {c} from", peer)

@@ -750,6 +750,7 @@ class Coordinator:
                 "neighbours": [m.group_rank(j) for j in row],
                 "weights": [float(m.weights[rank, j]) for j in row],
                 "self_weight": float(m.weights[rank, rank]),
+                "members": list(m.members),  # a stateful mixing rule's (CHOCO's) epoch
                 "committed_phase": self.committed_phase,
             }
         replies = self._send(per_node, message_type)

@@ -6,7 +6,9 @@ process per message), so everything a peer needs between phases lives here:
 
     <root>/block_0007.safetensors   # the layers of block 7 as this node last trained them,
                                     # plus (in its metadata) the phase that wrote it and
-                                    # the node's data-stream position after that phase
+                                    # the node's data-stream position after that phase,
+                                    # plus (with compressed gossip) the block's error-
+                                    # feedback state under "gossip/..." names
 
 One file per block, written atomically (temp file + rename), so a phase is
 committed by a single rename and a crash never leaves a half-written block.
@@ -30,6 +32,10 @@ class StateStoreError(RuntimeError):
     pass
 
 
+# Tensors saved with a block that are not model parameters (e.g. CHOCO's public copy).
+STATE_PREFIX = "gossip/"
+
+
 class NodeStateStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -44,9 +50,11 @@ class NodeStateStore:
         named_params: list[tuple[str, torch.Tensor]],
         phase: int,
         extra: dict[str, Any] | None = None,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Commit block k after `phase`; `extra` (e.g. the data position) rides along."""
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_params}
+        """Commit block k after `phase`; `extra` (e.g. the data position) and `state` (the
+        block's error-feedback tensors) are committed with it, by the same rename."""
+        tensors = _block_tensors(named_params, state)
         metadata = {"phase": str(phase), "extra": json.dumps(extra or {})}
         target = self.block_path(k)
         tmp = target.with_suffix(".tmp")
@@ -60,9 +68,13 @@ class NodeStateStore:
         named_params: list[tuple[str, torch.Tensor]],
         phase: int,
         extra: dict[str, Any] | None = None,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write block k beside the committed one; it counts only after commit_staged()."""
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_params}
+        """Write block k beside the committed one; it counts only after commit_staged().
+
+        `state` (the block's error-feedback tensors) lives in the same file, so it is
+        committed, kept as history and rolled back together with the block's parameters."""
+        tensors = _block_tensors(named_params, state)
         metadata = {"phase": str(phase), "extra": json.dumps(extra or {})}
         save_file(tensors, self._staged(k), metadata=metadata)
 
@@ -130,6 +142,16 @@ class NodeStateStore:
         k, info = max(blocks.items(), key=lambda item: (item[1]["phase"], item[0]))
         return {"block": k, **info}
 
+    def block_state(self, k: int) -> dict[str, torch.Tensor] | None:
+        """The `state` tensors committed with block k, or None if it has none (yet)."""
+        path = self.block_path(k)
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            names = [n for n in f.keys() if n.startswith(STATE_PREFIX)]
+            state = {n.removeprefix(STATE_PREFIX): f.get_tensor(n) for n in names}
+        return state or None
+
     @torch.no_grad()
     def restore_into(self, model: nn.Module) -> list[int]:
         """Copy every committed block into `model` (matched by parameter name)."""
@@ -138,6 +160,8 @@ class NodeStateStore:
         for path in sorted(self.root.glob("block_????.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
+                    if name.startswith(STATE_PREFIX):
+                        continue  # not a parameter: read by block_state
                     if name not in params:
                         raise StateStoreError(
                             f"{path} holds {name!r}, which the model does not have: the state "
@@ -153,6 +177,15 @@ class NodeStateStore:
                     target.copy_(tensor.to(target.dtype))
             restored.append(int(path.stem.split("_")[1]))
         return restored
+
+
+def _block_tensors(
+    named_params: list[tuple[str, torch.Tensor]], state: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_params}
+    for name, t in (state or {}).items():
+        tensors[STATE_PREFIX + name] = t.detach().to("cpu").contiguous()
+    return tensors
 
 
 def _phase_of(path: Path) -> int:

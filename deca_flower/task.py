@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deca_flower.adapters import AdapterPartition
 from deca_flower.blocks import BlockPartition
+from deca_flower.compression import Codec, make_codec
 from deca_flower.console import note, set_verbose
 from deca_flower.data import (
     CUSTOM,
@@ -81,6 +82,20 @@ def model_dtype(cfg: DictConfig) -> torch.dtype:
 
 def wire_dtype(cfg: DictConfig) -> torch.dtype:
     return torch.float32 if cfg.algorithm.wire_dtype == "float32" else model_dtype(cfg)
+
+
+def gossip_codec(cfg: DictConfig) -> Codec:
+    """The wire codec of `gossip.compression` (`none`: the `algorithm.wire_dtype` cast)."""
+    g = cfg.gossip
+    return make_codec(
+        g.compression, wire_dtype(cfg), chunk_size=g.chunk_size, topk_fraction=g.topk_fraction
+    )
+
+
+def compression_codec(cfg: DictConfig) -> Codec | None:
+    """The codec `Method.mixer` mixes over: None for `gossip.compression=none` (eq (7) as
+    without compression, the in-process engine's product path)."""
+    return None if cfg.gossip.compression == "none" else gossip_codec(cfg)
 
 
 def load_base_model(

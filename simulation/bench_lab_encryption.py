@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab_bench  # noqa: E402
+
 MODES = ("none", "aes-256-gcm")
 
 
@@ -50,45 +49,12 @@ def lab_run(mode: str, args: argparse.Namespace, work: Path, index: int) -> Path
         f"eval.max_examples_per_client={args.eval_examples}",
         *args.override,
     ]
-    out = work / f"{mode}-{index}"
-    run_config = f'output-dir="{out}" overrides="{" ".join(overrides)}"'
-    cmd = [str(BIN / "deca-flower"), "lab", "--app", str(REPO), "--sites", str(args.sites)]
-    cmd += ["--run-config", run_config]
-    if args.preset_model:
-        cmd += ["--run-config", f'preset-model="{args.preset_model}"']
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    log = work / f"{mode}-{index}.log"
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"lab run ({mode}) failed; see {log}:\n{log.read_text()[-3000:]}")
-    return Path(log.read_text().strip().splitlines()[-1])  # the lab prints its run dir last
+    return lab_bench.run_lab(f"{mode}-{index}", overrides, work, args.sites, args.preset_model)
 
 
 def measure(mode: str, run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    phases = [r for r in records if r["type"] == "phase"]
-    steps = sum(1 for r in records if r["type"] == "step")
-    lab = json.loads((run_dir / "lab" / "lab.json").read_text())
-    sites = len(lab["site_addresses"])
-    split = [p["time_split"] for p in phases]
-    wall = sum(s["wall_s"] for s in split)
-    comm = sum(s["communication_s"] for s in split)
-    payload = sum(sum(p["bytes_sent"]) for p in phases)
-    wire = lab.get("interface_bytes_sent")
-    return {
-        "mode": mode,
-        "lab_mode": lab["mode"],
-        "sites": sites,
-        "steps": steps,
-        "s_per_step": wall / steps,
-        "training_s_per_step": sum(s["training_s"] for s in split) / steps,
-        "communication_s_per_step": comm / steps,
-        "communication_share": comm / wall,
-        "payload_bytes_per_site_step": payload / sites / steps,
-        "wire_bytes_per_site_step": sum(wire.values()) / sites / steps if wire else None,
-        "run_dir": str(run_dir),
-    }
+    row = lab_bench.measure(run_dir)
+    return {"mode": mode, **row, "communication_share": row["communication_share_of_wall"]}
 
 
 def mean_rows(rows: list[dict]) -> dict:
@@ -139,7 +105,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="pairs of runs (alternating)")
     parser.add_argument("--preset-model", help="e.g. tiny (default: the embedded default)")
     parser.add_argument("--override", action="append", default=[], help="extra config key=value")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "deployment")
+    default_out = lab_bench.REPO / "docs" / "results" / "deployment"
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lab-encryption-"))
     measured: dict[str, list[dict]] = {m: [] for m in MODES}

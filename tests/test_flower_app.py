@@ -239,6 +239,24 @@ def test_baseline_through_flower_equals_the_engine(algorithm, tmp_path):
     assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-4)
 
 
+@pytest.mark.parametrize("compression", ["bf16", "int8"])
+def test_compressed_gossip_through_flower_equals_the_engine(compression, tmp_path):
+    # int8 keeps CHOCO error-feedback state in each node's state store between phases.
+    settings = {k: v for k, v in SETTINGS.items() if k != "flower.export_models"}
+    settings.update({"eval.zero_shot": "false", "gossip.compression": compression})
+    out_dir = tmp_path / "flower"
+    proc = flwr_run(out_dir, {k: v for k, v in settings.items() if k != "num_clients"})
+    runs = finished_runs(out_dir)
+    assert len(runs) == 1, f"no result:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    records = read_metrics(runs[0] / "metrics.jsonl")
+    cfg = load_config({"model": "tiny"}, {**settings, "output_dir": str(tmp_path)})
+    assert_engine_reproduces(cfg, records, out_dir, block_atol=1e-6)
+    engine_phases = [r for r in read_metrics(finished_runs(tmp_path)[0] / "metrics.jsonl")
+                     if r["type"] == "phase"]  # fmt: skip
+    flower_phases = [r for r in records if r["type"] == "phase"]
+    assert [p["bytes_sent"] for p in flower_phases] == [p["bytes_sent"] for p in engine_phases]
+
+
 def test_instruction_tuning_through_flower_equals_the_engine(tmp_path):
     """Alpaca-style data: training, per-client perplexity / ROUGE-L and the average model's
     (pooled from the nodes' own test slices) match the engine, which pools the test sets."""

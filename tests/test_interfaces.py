@@ -11,11 +11,18 @@ import datasets
 import pytest
 import torch
 
+from deca_flower.compression import CastCodec, Int8Codec, TopKCodec
 from deca_flower.data import TaskSpec, label_counts
 from deca_flower.evaluation import eval_record, global_test_record, pooled_metrics
 from deca_flower.generation import pool_generation_metrics
 from deca_flower.methods import METHODS, MethodError
-from deca_flower.mixing import NoMixing, TsvdConsensus, WeightedAverage
+from deca_flower.mixing import (
+    CastAverage,
+    ChocoGossip,
+    NoMixing,
+    TsvdConsensus,
+    WeightedAverage,
+)
 from deca_flower.task_kinds import ClassificationTask, GenerationTask, make_task
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deca_flower"
@@ -230,3 +237,71 @@ def test_tsvd_consensus_in_process_is_decaf_mix_of_each_members_row():
         # Neighbours' blocks arrive in the wire dtype; a member's own block does not.
         sent = {j: blocks[j] if j == i else blocks[j].bfloat16().float() for j in row}
         torch.testing.assert_close(mixed[i], decaf_mix(sent, row, layout), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- compressed mixing
+
+
+def test_compression_picks_the_rule_in_the_method_interface():
+    deca = METHODS["deca"]
+    assert isinstance(deca.mixer(_Layout(), Int8Codec(4)), ChocoGossip)
+    assert isinstance(deca.mixer(_Layout(), TopKCodec(0.5)), ChocoGossip)
+    assert type(deca.mixer(_Layout(), CastCodec(torch.bfloat16))) is CastAverage
+    assert type(deca.mixer(_Layout(), None)) is WeightedAverage
+    for name in ("decaf", "local"):
+        with pytest.raises(ValueError, match="gossip.compression=none"):
+            METHODS[name].mixer(_Layout(), Int8Codec(4))
+
+
+def test_cast_average_in_process_is_eq_7_over_a_cast_wire():
+    gen = torch.Generator().manual_seed(1)
+    blocks = {r: torch.randn(7, generator=gen) for r in (0, 1, 3)}  # rank 2 lost
+    w = torch.tensor([[0.5, 0.25, 0, 0.25], [0.25, 0.75, 0, 0], [0] * 4, [0.25, 0, 0, 0.75]])
+    mixed = CastAverage(CastCodec(torch.bfloat16)).mix_in_process(w, blocks, torch.float32)
+    assert mixed.keys() == blocks.keys()
+    for i in blocks:
+        # Neighbours' blocks rounded to bf16 once, a member's own block exact.
+        want = sum(w[i, j].item() * (x if j == i else x.bfloat16().float())
+                   for j, x in blocks.items())  # fmt: skip
+        torch.testing.assert_close(mixed[i], want, rtol=0, atol=1e-6)
+
+
+def test_choco_gossip_in_process_follows_choco_and_keeps_its_state_per_block():
+    codec = Int8Codec(3)
+    gamma = 0.5
+    w = torch.tensor([[0.5, 0.25, 0, 0.25], [0.25, 0.75, 0, 0], [0] * 4, [0.25, 0, 0, 0.75]])
+    gen = torch.Generator().manual_seed(2)
+    start = {r: torch.randn(8, generator=gen) for r in (0, 1, 3)}
+    rule = ChocoGossip(codec, gamma)
+    rule.begin_block(5, {r: x.clone() for r, x in start.items()})
+    x_hat = {r: x.clone() for r, x in start.items()}  # the reference: CHOCO by hand
+    c = {r: torch.zeros(8) for r in start}
+    blocks = {r: x.clone() for r, x in start.items()}
+    for _ in range(3):
+        half = {r: x + 0.01 * torch.randn(8, generator=gen) for r, x in blocks.items()}
+        q = {r: codec.decode(codec.encode(half[r] - x_hat[r]), 8) for r in half}
+        for r in half:
+            x_hat[r] += q[r]
+            c[r] += sum(w[r, j].item() * q[j] for j in half) - q[r]
+        mixed = rule.mix_in_process(w, half, torch.float32)
+        for r in half:
+            torch.testing.assert_close(mixed[r], half[r] + gamma * c[r], rtol=0, atol=1e-6)
+        blocks = mixed
+    # The engine keeps the state across the block's phases; a heal (forget) restarts it.
+    rule.begin_block(5, blocks)
+    torch.testing.assert_close(rule.block_state(0, 5)["x_hat"], x_hat[0], rtol=0, atol=1e-6)
+    rule.forget(0, [5])
+    rule.begin_block(5, blocks)
+    assert torch.equal(rule.block_state(0, 5)["x_hat"], blocks[0])
+    assert not rule.block_state(0, 5)["consensus"].any()
+
+
+def test_choco_gossip_on_a_node_takes_its_state_from_the_store():
+    rule = ChocoGossip(Int8Codec(3))
+    saved = {"x_hat": torch.arange(4.0), "consensus": torch.ones(4)}
+    rule.begin_block(1, {0: torch.zeros(4)}, lambda rank: saved)
+    assert torch.equal(rule.block_state(0, 1)["x_hat"], saved["x_hat"])
+    # The next block's first phase: a fresh state, and only the active block is held.
+    rule.begin_block(2, {0: torch.full((4,), 3.0)}, lambda rank: None)
+    assert torch.equal(rule.block_state(0, 2)["x_hat"], torch.full((4,), 3.0))
+    assert (0, 1) not in rule.states

@@ -270,6 +270,37 @@ def test_bandwidth_needs_namespaces(tmp_path):
     assert NamespaceHosts.mode == "namespaces"
 
 
+@needs_namespaces
+def test_a_shaped_link_is_observed_at_its_rate(tmp_path):
+    """`--bandwidth 20mbit --links-only`: each site's TCP throughput, both ways, is near the
+    set rate (tc counts whole frames, TCP goodput is a little below); unshaped, the same
+    links carry far more, so it is the shaping that holds them there."""
+    shaped = run_lab_subprocess(
+        tmp_path, "--sites", "2", "--bandwidth", "20mbit", "--links-only",
+        "--measure-links", "2", "--work-dir", str(tmp_path / "shaped"),
+    )  # fmt: skip
+    assert shaped.returncode == 0, shaped.stdout + shaped.stderr
+    links = json.loads((tmp_path / "shaped" / "links.json").read_text())
+    assert [link["site"] for link in links] == [1, 2]
+    for link in links:
+        for way in ("up_mbit_s", "down_mbit_s"):
+            assert 0.5 * 20 <= link[way] <= 1.2 * 20, links
+    assert "site1's link:" in shaped.stdout and "shaped to 20mbit" in shaped.stdout
+    free = run_lab_subprocess(
+        tmp_path, "--sites", "2", "--links-only", "--measure-links", "1",
+        "--work-dir", str(tmp_path / "free"),
+    )  # fmt: skip
+    assert free.returncode == 0, free.stdout + free.stderr
+    for link in json.loads((tmp_path / "free" / "links.json").read_text()):
+        assert min(link["up_mbit_s"], link["down_mbit_s"]) > 5 * 20
+
+
+def test_measuring_links_needs_namespaces(tmp_path):
+    lab = Lab(LabSpec(sites=2, loopback=True, work_dir=tmp_path, links_only=True))
+    with pytest.raises(Exception, match="needs namespace mode"):
+        lab.hosts.measure_link(lab.hosts.sites[0] if lab.hosts.sites else None, 1.0)
+
+
 # ---------------------------------------------------------------------- the docs
 
 

@@ -58,6 +58,10 @@ class LabSpec:
     # resume the run from its directory (`resume=<run dir>`).
     stop_coordinator_at: int | None = None
     intruder: bool = False  # a non-member host that attacks the data plane during the run
+    # Measure every site's link (both ways, this many seconds each) before the run, e.g.
+    # to see a --bandwidth shaping hold; 0 = do not. `links_only`: measure, then stop.
+    measure_links_s: float = 0.0
+    links_only: bool = False
     quiet: bool = False
 
 
@@ -82,6 +86,8 @@ class Lab:
         """Bring the deployment up, run the spec's run config on it, tear everything down."""
         try:
             self.up()
+            if self.spec.links_only:
+                return self.work / "links.json"
             return self.execute(self.spec.run_config)
         finally:
             self.down()
@@ -113,6 +119,10 @@ class Lab:
         if self.spec.bandwidth:
             self.hosts.shape(self.spec.bandwidth)
             self.say(f"every site's link shaped to {self.spec.bandwidth} (tc tbf)")
+        if self.spec.measure_links_s > 0:
+            self.measure_links()
+        if self.spec.links_only:
+            return
         self.port = SUPERLINK_PORT if self.hosts.mode == "namespaces" else free_port()
         self.address = f"{self.hosts.hub_address}:{self.port}"
         self.certs = make_server_certificates(
@@ -122,6 +132,22 @@ class Lab:
         self.cli.write_config(self.address, self.certs.ca_cert)
         self.keys = {s.index: make_node_key(self.work / "keys", s.name) for s in self.sites}
         self._start_flower()
+
+    def measure_links(self) -> list[dict[str, Any]]:
+        """Every site's link throughput, both ways (`links.json` in the work dir, and
+        `lab.json`): what the run's exchanges can get at most."""
+        links = []
+        for site in self.sites:
+            measured = self.hosts.measure_link(site, self.spec.measure_links_s)
+            links.append({"site": site.index, "set": self.spec.bandwidth, **measured})
+            self.say(
+                f"{site.name}'s link: {measured['up_mbit_s']:.1f} Mbit/s up, "
+                f"{measured['down_mbit_s']:.1f} Mbit/s down (shaped to "
+                f"{self.spec.bandwidth or 'nothing'})"
+            )
+        self.record["links"] = links
+        (self.work / "links.json").write_text(json.dumps(links, indent=1))
+        return links
 
     def _start_flower(self) -> None:
         """The SuperLink, every site's key registered, every SuperNode online."""

@@ -17,7 +17,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+
+from deca_flower.lab import link_probe
 
 BRIDGE = "deca-br0"
 SUBNET = "10.99.0"
@@ -98,6 +102,12 @@ class Hosts:
     def bytes_sent(self, site: Site) -> int | None:
         return None
 
+    def measure_link(self, site: Site, seconds: float) -> dict[str, float]:
+        raise LabHostError(
+            "measuring a site's link needs namespace mode (the link to measure); the lab "
+            "runs on loopback here. Run it as root, without --loopback."
+        )
+
     def flood(self) -> None:
         pass  # loopback: nothing to tap
 
@@ -168,6 +178,39 @@ class NamespaceHosts(Hosts):
                   "root", *tbf])  # fmt: skip
             _run(["tc", "qdisc", "add", "dev", _veth(site), "root", *tbf])
 
+    def measure_link(self, site: Site, seconds: float) -> dict[str, float]:
+        """TCP throughput of the site's link, both ways (Mbit/s, `link_probe`)."""
+        return {
+            "up_mbit_s": self._upload(site, seconds),
+            "down_mbit_s": self._download(site, seconds),
+        }
+
+    def _upload(self, site: Site, seconds: float) -> float:
+        """The site sends, the hub counts."""
+        server = link_probe.listen(HUB_ADDRESS, 0)
+        port = server.getsockname()[1]
+        result: dict[str, float] = {}
+        counter = threading.Thread(target=lambda: result.update(link_probe.sink(server)))
+        counter.start()
+        probe = [sys.executable, "-m", "deca_flower.lab.link_probe", "send", HUB_ADDRESS]
+        _run(self.command(site, [*probe, str(port), str(seconds)]))
+        counter.join(timeout=60)
+        return _mbit_s(result)
+
+    def _download(self, site: Site, seconds: float) -> float:
+        """The hub sends, the site counts."""
+        port = 9095
+        probe = [sys.executable, "-m", "deca_flower.lab.link_probe", "sink", site.address]
+        with subprocess.Popen(
+            self.command(site, [*probe, str(port)]), stdout=subprocess.PIPE, text=True
+        ) as sinker:
+            assert sinker.stdout is not None
+            if sinker.stdout.readline().strip() != "listening":
+                raise LabHostError(f"{site.name}: the link probe's sink did not start")
+            link_probe.send(site.address, port, seconds)
+            result = json.loads(sinker.stdout.readline())
+        return _mbit_s(result)
+
     def bytes_sent(self, site: Site) -> int:
         """Bytes the site put on its link: what the hub side of its veth received."""
         # Not /sys/class/net: that sysfs belongs to the host's namespace, not the lab's.
@@ -179,6 +222,12 @@ class NamespaceHosts(Hosts):
 
 def make_hosts(num_sites: int, loopback: bool) -> Hosts:
     return (LoopbackHosts if loopback else NamespaceHosts)(num_sites)
+
+
+def _mbit_s(result: dict[str, float]) -> float:
+    if not result.get("seconds"):
+        raise LabHostError(f"the link probe measured nothing: {result}")
+    return result["bytes"] * 8 / result["seconds"] / 1e6
 
 
 def _veth(site: Site) -> str:

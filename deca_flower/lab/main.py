@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deca_flower.lab.deployment import Lab, LabError, LabSpec
-from deca_flower.lab.hosts import INSIDE_ENV, namespace_support, reexec_in_private_namespace
+from deca_flower.lab.hosts import (
+    INSIDE_ENV,
+    LabHostError,
+    namespace_support,
+    reexec_in_private_namespace,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="keep the lab's files here")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
     parser.add_argument("--bandwidth", help="shape every site's link, e.g. 100mbit (tc tbf)")
+    parser.add_argument(
+        "--measure-links",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="measure every site's link both ways before the run (default: 3 s when "
+        "--bandwidth is set, else not)",
+    )
+    parser.add_argument(
+        "--links-only",
+        action="store_true",
+        help="set up the hosts (and --bandwidth), measure the links, print links.json, stop",
+    )
     parser.add_argument(
         "--kill",
         action="append",
@@ -88,14 +106,22 @@ def lab_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         restart_after_s=args.restart_after,
         stop_coordinator_at=args.stop_coordinator_at,
         intruder=args.intruder,
+        measure_links_s=_measure_links_s(args),
+        links_only=args.links_only,
     )
     try:
         out = Lab(spec).run()
-    except LabError as err:
+    except (LabError, LabHostError) as err:
         print(f"lab error: {err}", file=sys.stderr, flush=True)
         return 1
     print(out, flush=True)
     return 0
+
+
+def _measure_links_s(args: argparse.Namespace) -> float:
+    if args.measure_links is not None:
+        return args.measure_links
+    return 3.0 if args.bandwidth or args.links_only else 0.0
 
 
 def _site_configs(items: list[str]) -> dict[int, str]:
