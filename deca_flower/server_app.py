@@ -659,6 +659,7 @@ class Coordinator:
         record["members"] = self.members
         record["epoch"] = self.membership.epoch
         record["time_split"] = phase_time_split(self.phase_wall_s, record)
+        record["time"] = time.time()  # when the phase was committed (faults' timeline)
         # Step diagnostics (None where a node could not define one, as in the engine).
         record.update(
             {k: [replies[r].get(k) if r in replies else None for r in range(self.n)]
