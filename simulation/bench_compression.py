@@ -321,6 +321,7 @@ def run_accuracy(presets: dict, overrides: list[str], formats: list[str], seeds:
             steps = [r["loss"] for r in result.records if r["type"] == "step"]
             row = (
                 last["client_mean"]["accuracy"],
+                last["client_mean"].get("ll_accuracy", float("nan")),
                 statistics.mean(steps[-1]),  # the clients' loss at the last step
                 last["consensus_distance"],
             )
@@ -329,18 +330,20 @@ def run_accuracy(presets: dict, overrides: list[str], formats: list[str], seeds:
     lines = [
         f"in-process engine, model {cfg.model.name}, data {cfg.data.name}, {cfg.num_clients} "
         f"clients, {cfg.train.rounds} round(s) x {cfg.train.steps_per_block} steps/block, "
-        f"seeds {seeds}: final mean client accuracy, last-step loss, consensus distance",
+        f"seeds {seeds}: final mean client accuracy (generated label, likelihood), last-step "
+        "loss, consensus distance",
         "",
-        "| format | accuracy per seed | mean | spread | last-step loss per seed "
-        "| consensus distance per seed |",
-        "|---|---|---|---|---|---|",
+        "| format | accuracy per seed | mean | spread | likelihood acc. per seed | mean | "
+        "last-step loss per seed | consensus distance per seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fmt, rows in results.items():
-        accs = [r[0] for r in rows]
+        accs, lls = [r[0] for r in rows], [r[1] for r in rows]
         lines.append(
             f"| {fmt} | {', '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.3f} "
-            f"| {max(accs) - min(accs):.3f} | {', '.join(f'{r[1]:.4f}' for r in rows)} "
-            f"| {', '.join(f'{r[2]:.3e}' for r in rows)} |"
+            f"| {max(accs) - min(accs):.3f} | {', '.join(f'{a:.3f}' for a in lls)} "
+            f"| {statistics.mean(lls):.3f} | {', '.join(f'{r[2]:.4f}' for r in rows)} "
+            f"| {', '.join(f'{r[3]:.3e}' for r in rows)} |"
         )
     return "\n".join(lines)
 

@@ -50,6 +50,8 @@ def timeline(run_dir: Path, baseline_steps: int) -> dict[str, Any]:
     """Seconds after the SIGKILL of each event of the failed run."""
     recs = records(run_dir)
     lab = json.loads((run_dir / "lab" / "lab.json").read_text())
+    if not any("killed" in f for f in lab.get("faults", [])):
+        raise SystemExit(f"{run_dir}: the lab killed no site (is --kill's phase in the run?)")
     kill = next(f for f in lab["faults"] if "killed" in f)
     restart = next((f for f in lab["faults"] if "restarted" in f), None)
     fault = next(r for r in recs if r["type"] == "fault")
@@ -122,6 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [
         "topology.name=ring",  # 3 sites: a triangle, so the survivors stay connected
+        "flower.phase=block",  # one phase per block, so --kill has phases to pick from
         "train.rounds=1",
         f"train.steps_per_block={args.steps_per_block}",
         "gossip.timeout_s=30",
