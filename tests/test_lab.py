@@ -67,14 +67,19 @@ def engine_run(tmp_path: Path) -> Engine:
 
 
 def assert_sites_hold_engine_blocks(work: Path, run_id, engine: Engine, ranks) -> None:
-    """Each site's committed blocks equal the engine's peer of the same rank."""
+    """Each site's committed blocks equal the engine's peer of the same rank.
+
+    Up to fp32 rounding: the engine mixes uncompressed blocks with one matmul, the sites
+    sum row by row, and Adam's normalisation carries the last-bit differences on. After the
+    heal test's 40 phases they reach 1.6e-5 on a few entries (losses still agree to 2e-6);
+    a missed step, mix or heal moves blocks by orders of magnitude more."""
     for rank in ranks:
         state = work / f"site{rank + 1}" / "state" / f"run-{run_id}"
         peer = engine.peers[rank]
         for k in range(peer.partition.num_blocks):
             saved = load_file(state / f"block_{k:04d}.safetensors")
             for name, param in peer.partition.named_parameters(k):
-                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=5e-5)
 
 
 def step_losses(records: list[dict]) -> list[list[float]]:
