@@ -300,7 +300,13 @@ class Lab:
                 break
             # Each `flwr ls` is a Python process of its own: poll gently, and at once when
             # the log stream ends (it ends with the run).
-            status = self.cli.run_status(run_id)
+            try:
+                status = self.cli.run_status(run_id)
+            except FlwrCliError:
+                # A rehearsed kill can land while `flwr ls` is talking to the SuperLink.
+                if self.deployment_killed.is_set():
+                    continue
+                raise
             if status.startswith("finished"):
                 break
             for _ in range(10):
@@ -421,14 +427,15 @@ class Lab:
 
     def _kill_deployment(self, phase: int) -> None:
         """SIGKILL the SuperLink (and with it the ServerApp, the coordinator) and every
-        SuperNode: the whole deployment is lost mid-run, as in a power cut."""
+        SuperNode: the whole deployment is lost mid-run, as in a power cut. The event is
+        set first, so a status poll that the kill cuts off is not taken for a failure."""
+        self.deployment_killed.set()
         for name in ["superlink", *(s.name for s in self.sites)]:
             self.processes.signal(name, signal.SIGKILL)
         self.record.setdefault("faults", []).append(
             {"deployment_killed": True, "phase": phase, "time": time.time()}
         )
         self.say(f"killed the SuperLink and every SuperNode (SIGKILL) as phase {phase} starts")
-        self.deployment_killed.set()
 
     def _stopped_run_dir(self, run_id: int) -> Path:
         """The killed run's directory: the coordinator left it `.incomplete`."""

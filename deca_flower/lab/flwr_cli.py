@@ -91,4 +91,10 @@ class FlwrCli:
 
     def run_status(self, run_id: int) -> str:
         out = self.json("ls", self.connection, "--run-id", str(run_id))
-        return str(out["runs"][0]["status"])
+        runs = out.get("runs") or []
+        if not runs:
+            raise FlwrCliError(
+                f"`flwr ls {self.connection} --run-id {run_id}` listed no run: "
+                f"{json.dumps(out)[-2000:]}"
+            )
+        return str(runs[0]["status"])
