@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deca_flower.data import TaskSpec, encode_prompts
-from deca_flower.likelihood import likelihood_labels
+from deca_flower.data import TaskSpec, encode_prompts, scoring_ids
+from deca_flower.prompt_scoring import score_prompts
 
 INVALID = -1
 
@@ -69,12 +69,40 @@ def predict_labels(
 def score_labels(
     model, tokenizer, task: TaskSpec, texts: Sequence[str], cfg
 ) -> tuple[list[int], list[int]]:
-    """(generated labels, likelihood labels) with the run's eval batch size and max length."""
-    kwargs = {"batch_size": cfg.eval.batch_size, "max_length": cfg.data.max_length}
-    return (
-        predict_labels(model, tokenizer, task, texts, **kwargs),
-        likelihood_labels(model, tokenizer, task, texts, **kwargs),
+    """(generated labels, likelihood labels) with the run's eval batch size and max length,
+    both from one forward pass per prompt (`prompt_scoring`). They equal `predict_labels`
+    and `likelihood.likelihood_labels`, which run the prompts three times."""
+    if not texts:
+        return [], []
+    was_training = model.training
+    model.eval()
+    prompts, answers = scoring_ids(texts, tokenizer, task, cfg.data.max_length)
+    continuations, scores = score_prompts(
+        model,
+        prompts,
+        answers,
+        pad_token_id=_pad_id(tokenizer),
+        eos_token_ids=eos_token_ids(model, tokenizer),
+        new_tokens=max_label_tokens(tokenizer, task.verbalizers) + 1,
+        batch_size=cfg.eval.batch_size,
     )
+    model.train(was_training)
+    texts_out = tokenizer.batch_decode(continuations, skip_special_tokens=True)
+    generated = [parse_label(t, task.verbalizers) for t in texts_out]
+    return generated, [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end greedy generation, as `generate` reads them."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
 def classification_metrics(

