@@ -20,7 +20,8 @@ Four parts (choose with --parts; every ratio is between rows of the same run):
     nice -n 19 python simulation/bench_compression.py --parts wire --steps 5
     nice -n 19 python simulation/bench_compression.py train.layers_per_block=6 --parts overlap
     nice -n 19 python simulation/bench_compression.py train.layers_per_block=6 --parts table7
-    nice -n 19 python simulation/bench_compression.py model=tiny --parts accuracy --seeds 0 1
+    nice -n 19 python simulation/bench_compression.py model=tiny --parts accuracy --seeds 0 1 \
+        --formats float32 int8 topk --runs accuracy-runs.jsonl    # resumable
 
 (settings go before --parts, which takes several values)
 """
@@ -28,6 +29,8 @@ Four parts (choose with --parts; every ratio is between rows of the same run):
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -307,45 +310,70 @@ def run_table7(presets: dict, overrides: list[str], degree: int, warmup: int, ti
 # ---------------------------------------------------------------------------- accuracy
 
 
-def run_accuracy(presets: dict, overrides: list[str], formats: list[str], seeds: list[int]) -> str:
+def run_accuracy(
+    presets: dict, overrides: list[str], formats: list[str], seeds: list[int], runs: Path | None
+) -> str:
+    """`runs` (JSONL): every finished (format, seed) is appended there and not run again,
+    so the part can run in pieces; delete the file after changing the settings."""
     from deca_flower.engine import Engine
 
+    done = {}
+    if runs and runs.exists():
+        for line in runs.read_text().splitlines():
+            rec = json.loads(line)
+            done[rec["format"], rec["seed"]] = tuple(rec["row"])
+    cfg = load_config(presets, overrides)  # the table's heading
     results: dict[str, list[tuple[float, float, float]]] = {}
     for fmt in formats:
         for seed in seeds:
+            if (fmt, seed) in done:
+                results.setdefault(fmt, []).append(done[fmt, seed])
+                continue
             with tempfile.TemporaryDirectory() as root:
                 settings = [f"seed={seed}", f"gossip.compression={fmt}", f"output_dir={root}"]
-                cfg = load_config(presets, [*overrides, *settings, "eval.zero_shot=false"])
-                result = Engine(cfg).run()
+                run_cfg = load_config(presets, [*overrides, *settings, "eval.zero_shot=false"])
+                result = Engine(run_cfg).run()
             last = result.evals()[-1]
             steps = [r["loss"] for r in result.records if r["type"] == "step"]
             row = (
                 last["client_mean"]["accuracy"],
                 last["client_mean"].get("ll_accuracy", float("nan")),
+                # an unskewed split (eval.global_test_size), scored by likelihood
+                last.get("global_test", {}).get("client_mean", {}).get("ll_accuracy", math.nan),
                 statistics.mean(steps[-1]),  # the clients' loss at the last step
                 last["consensus_distance"],
             )
             results.setdefault(fmt, []).append(row)
             print(f"[bench] accuracy {fmt} seed {seed}: {row}", flush=True)
+            if runs:
+                record = {"format": fmt, "seed": seed, "row": row, "settings": overrides}
+                with runs.open("a") as f:
+                    f.write(json.dumps({**record, "presets": presets}) + "\n")
     lines = [
         f"in-process engine, model {cfg.model.name}, data {cfg.data.name}, {cfg.num_clients} "
         f"clients, {cfg.train.rounds} round(s) x {cfg.train.steps_per_block} steps/block, "
-        f"seeds {seeds}: final mean client accuracy (generated label, likelihood), last-step "
-        "loss, consensus distance",
+        f"seeds {seeds}: final mean client accuracy (generated label, likelihood), the "
+        "clients' likelihood accuracy on the unskewed global test split, last-step loss, "
+        "consensus distance",
         "",
         "| format | accuracy per seed | mean | spread | likelihood acc. per seed | mean | "
-        "last-step loss per seed | consensus distance per seed |",
-        "|---|---|---|---|---|---|---|---|",
+        "global test (likelihood) per seed | mean | last-step loss per seed "
+        "| consensus distance per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for fmt, rows in results.items():
-        accs, lls = [r[0] for r in rows], [r[1] for r in rows]
+        accs, lls, globs = ([r[k] for r in rows] for k in range(3))
         lines.append(
-            f"| {fmt} | {', '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.3f} "
-            f"| {max(accs) - min(accs):.3f} | {', '.join(f'{a:.3f}' for a in lls)} "
-            f"| {statistics.mean(lls):.3f} | {', '.join(f'{r[2]:.4f}' for r in rows)} "
-            f"| {', '.join(f'{r[3]:.3e}' for r in rows)} |"
+            f"| {fmt} | {_join(accs)} | {statistics.mean(accs):.3f} "
+            f"| {max(accs) - min(accs):.3f} | {_join(lls)} | {statistics.mean(lls):.3f} "
+            f"| {_join(globs)} | {statistics.mean(globs):.3f} "
+            f"| {_join([r[3] for r in rows], '.4f')} | {_join([r[4] for r in rows], '.3e')} |"
         )
     return "\n".join(lines)
+
+
+def _join(values: list[float], spec: str = ".3f") -> str:
+    return ", ".join(format(v, spec) for v in values)
 
 
 def main(argv: list[str]) -> None:
@@ -360,6 +388,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also append the tables here")
+    parser.add_argument("--runs", type=Path, help="accuracy: finished runs (JSONL); resume")
     args = parser.parse_args(argv)
     presets, overrides = split_args(args.settings)
     for part in args.parts:
@@ -371,7 +400,7 @@ def main(argv: list[str]) -> None:
         elif part == "table7":
             table = run_table7(presets, overrides, args.degree, warmup=1, timed=args.steps)
         else:
-            table = run_accuracy(presets, overrides, ["float32", "bf16", "int8"], args.seeds)
+            table = run_accuracy(presets, overrides, args.formats, args.seeds, args.runs)
         text = f"### {part} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n"
         print(text, flush=True)
         if args.out:
