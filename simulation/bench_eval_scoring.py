@@ -24,7 +24,7 @@ from deca_flower.config import load_config
 from deca_flower.data import load_task_dataset
 from deca_flower.evaluation import predict_labels, score_labels
 from deca_flower.likelihood import likelihood_labels
-from deca_flower.task import load_base_model
+from deca_flower.task import load_base_model, resolve_device
 
 
 def separate(model, tokenizer, task, texts, cfg) -> tuple[list[int], list[int]]:
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     args, rest = parser.parse_known_args(argv)
     presets, overrides = split_args(rest)
     cfg = load_config(presets, overrides)
-    model, tokenizer = load_base_model(cfg, torch.device(cfg.model.device))
+    model, tokenizer = load_base_model(cfg, resolve_device(cfg.model.device))
     task, rows = load_task_dataset(cfg.data.name, cfg.data.path)
     texts = list(rows["text"][: args.examples])
     times: dict[str, list[float]] = {"separate": [], "one forward": []}
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     ]
     sep, one = (statistics.median(times[k]) for k in ("separate", "one forward"))
     print(
-        f"\nmodel {cfg.model.name} on {cfg.model.device}, {len(texts)} examples of "
+        f"\nmodel {cfg.model.name} on {next(model.parameters()).device}, {len(texts)} examples of "
         f"{cfg.data.name}, batch {cfg.eval.batch_size}, max length {cfg.data.max_length}; "
         f"medians of {args.repeats}\n\n"
         "| scoring | s | ms / example | vs separate |\n|---|---|---|---|\n"
