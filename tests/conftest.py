@@ -3,12 +3,44 @@
 from __future__ import annotations
 
 import os
+import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from deca_flower.config import load_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# `flwr run .` starts a local SuperLink under $FLWR_HOME and leaves it running for the next
+# run. The tests get a FLWR_HOME of their own (the user's ~/.flwr stays untouched), and the
+# SuperLink they started there is stopped at the end of the session.
+_FLWR_HOME = Path(tempfile.mkdtemp(prefix="deca-tests-flwr-home-"))
+os.environ["FLWR_HOME"] = str(_FLWR_HOME)
+
+
+def _process_groups_started_under(path: Path) -> set[int]:
+    """Process groups of the processes whose command line names `path` (the local
+    SuperLink logs and keeps its database there)."""
+    groups = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(path) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                groups.add(os.getpgid(int(proc.name)))
+        except (OSError, ValueError):
+            continue
+    return groups - {os.getpgid(0)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_local_superlink():
+    yield
+    for group in _process_groups_started_under(_FLWR_HOME):
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def tiny_config(tmp_path, **overrides):
