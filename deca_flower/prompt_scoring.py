@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from deca_flower.likelihood import _left_pad
+
 Ids = Sequence[Sequence[int]]
 
 
@@ -39,7 +41,8 @@ def score_prompts(
     scores: list[list[float]] = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad(prompts[start : start + batch_size], pad_token_id, device)
+        ids, mask = _left_pad([list(p) for p in prompts[start : start + batch_size]], pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         out = model(
             input_ids=ids,
             attention_mask=mask,
@@ -116,10 +119,3 @@ def _until_eos(row: list[int], eos: set[int]) -> list[int]:
         if token in eos:
             return row[: i + 1]
     return row
-
-
-def _left_pad(rows: Ids, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
