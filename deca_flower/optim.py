@@ -11,6 +11,12 @@ exchange, so the optimizer never needs to know how mixing happens:
 All optimizer state (master copy, moments, reference vector) lives in flat
 fp32 buffers covering the active block only; `reset()` (or `switch_block`)
 drops it, so optimizer memory scales with the block, not the model.
+
+A step allocates nothing once the block's buffers exist: the gradient is gathered
+into the previous step's denominator, and the reference vector, dead between
+the two half-steps' uses, doubles as scratch. Block-sized allocations are not
+free on the CPU (every one is fresh mmapped memory, page-faulted in), and they
+raise the peak on any device.
 """
 
 from __future__ import annotations
@@ -128,7 +134,8 @@ class BMAAdam:
                 "before the next local_step()"
             )
         self._check_param_shapes()
-        grad = self._gather_grad()
+        # The previous step's denominator is dead by now: gather the gradient into it.
+        grad = self._gather_grad(out=self._denom)
         block = self.block
         self._check_block_shape(block)
         if self._exp_avg is None:
@@ -166,19 +173,24 @@ class BMAAdam:
             )
         mixed = self.block
         self._check_block_shape(mixed)
-        if not bool(torch.isfinite(mixed).all()):
+        if not _all_finite(mixed):
             self._restore_half_step()
             raise BMAAdamError(
                 "the mixed block contains NaN or Inf values; it was rejected and opt.block "
                 "was restored to x_half (check the neighbours' blocks and algorithm.lr)"
             )
-        if self.track_stats and self.discrepancy_ref == "pre":
+        # From here on the reference is only needed as x_ref - x_mixed (eq 8 and the
+        # stats), so the difference is formed in its buffer.
+        effective_stats = self.track_stats and self.discrepancy_ref == "pre"
+        needs_difference = self.bma is not None or effective_stats
+        difference = self._reference.sub_(mixed) if needs_difference else None
+        if effective_stats:
             # reference = x_pre: the whole update of this step, gossip included.
-            moved = float(torch.dist(self._reference, mixed)) / math.sqrt(self.numel)
+            moved = float(torch.linalg.vector_norm(difference)) / math.sqrt(self.numel)
             self._stats["effective_step"] += moved / self.lr
             self._stats["effective_steps"] += 1
         if self.bma is not None:
-            self._apply_bma(mixed)
+            self._apply_bma(difference)
         self._update_signal_weights()
         self._write_params(mixed)
         self._step += 1
@@ -265,7 +277,10 @@ class BMAAdam:
 
     def _record_local_stats(self, grad: torch.Tensor, bias1: float, bias2: float) -> None:
         """RMS(x_half - x_pre) / lr and cos(x_pre - x_half, g), before grad is reused."""
-        direction = self._exp_avg_sq.div(bias2).sqrt_().add_(self.eps)
+        # The last step's reference is dead until local_step copies x_pre into it.
+        if self._reference is None:
+            self._reference = torch.empty_like(grad)
+        direction = torch.div(self._exp_avg_sq, bias2, out=self._reference).sqrt_().add_(self.eps)
         direction.reciprocal_().mul_(self._exp_avg)  # m~ / (sqrt(v_hat) + eps)
         norm_u = float(torch.linalg.vector_norm(direction))
         norm_g = float(torch.linalg.vector_norm(grad))
@@ -274,7 +289,7 @@ class BMAAdam:
         self._stats["local_step"] += norm_u / bias1 / math.sqrt(self.numel)
         self._stats["cosine"] += dot / (norm_u * norm_g) if norm_u * norm_g > 0 else 0.0
 
-    def _gather_grad(self) -> torch.Tensor:
+    def _gather_grad(self, out: torch.Tensor | None) -> torch.Tensor:
         missing = [i for i, p in enumerate(self._params) if p.grad is None]
         if missing:
             raise BMAAdamError(
@@ -283,7 +298,7 @@ class BMAAdam:
                 f"{self._shapes[missing[0]]}): call loss.backward() first and check that the "
                 "active block is used in the forward pass"
             )
-        return _flatten([p.grad for p in self._params])
+        return _flatten([p.grad for p in self._params], out=out)
 
     def _check_param_shapes(self) -> None:
         shapes = [tuple(p.shape) for p in self._params]
@@ -311,21 +326,23 @@ class BMAAdam:
         bias1, _ = self._bias_corrections()
         block.copy_(self._reference).addcdiv_(self._exp_avg, self._denom, value=-self.lr / bias1)
 
-    def _apply_bma(self, mixed: torch.Tensor) -> None:
+    def _apply_bma(self, difference: torch.Tensor) -> None:
         mu1, mu2 = self.bma
-        discrepancy = self._discrepancy(mixed)
+        discrepancy = self._discrepancy(difference)
         self._exp_avg.mul_(mu1).add_(discrepancy, alpha=1 - mu1)
         self._exp_avg_sq.mul_(mu2).addcmul_(discrepancy, discrepancy, value=1 - mu2)
 
-    def _discrepancy(self, mixed: torch.Tensor) -> torch.Tensor:
+    def _discrepancy(self, difference: torch.Tensor) -> torch.Tensor:
         """Eq (8): local minus aggregated, normalised to the scale of a gradient-like signal.
+
+        ``difference`` is x_ref - x_mixed, scaled here in place.
 
         - "lr": d / lr (QGM-SGD); O(1) per coordinate, i.e. on the scale of m_hat/sqrt(v_hat).
         - "l2": d / ||d||_2 over the whole block (QGM's Adam variant).
         - "precond": d / lr * (sqrt(v_hat) + eps); undoes Adam's preconditioning so
           d is on the gradient's scale and BMA stays invariant to the loss scale.
         """
-        d = torch.sub(self._reference, mixed)
+        d = difference
         if self.discrepancy_scale == "lr":
             return d.div_(self.lr)
         if self.discrepancy_scale == "l2":
@@ -341,8 +358,15 @@ class BMAAdam:
 # ---------------------------------------------------------------------- helpers
 
 
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+def _flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    flat = [t.reshape(-1).to(torch.float32) for t in tensors]
+    return torch.cat(flat) if out is None else torch.cat(flat, out=out)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf, in one pass and without a block-sized mask (min/max propagate NaN)."""
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _copy_into(buffer: torch.Tensor | None, source: torch.Tensor) -> torch.Tensor:

@@ -497,3 +497,32 @@ def test_step_stats_match_a_direct_computation():
     assert stats["effective_step"] == pytest.approx(np.mean(effective), rel=1e-4)
     assert stats["update_grad_cosine"] == pytest.approx(np.mean(cosines), rel=1e-4)
     assert local[0] == pytest.approx(1.0, rel=1e-3)  # the first step is lr * sign(g)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_a_step_allocates_no_block_sized_buffer_once_the_state_exists(variant):
+    """Both half-steps reuse the block's buffers (a fresh block-sized CPU allocation is
+    page-faulted in every step): after the first step, torch's profiler sees no
+    allocation of even a quarter of the block, with the diagnostics on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [nn.Parameter(torch.randn(40_000)) for _ in range(3)]
+    opt = BMAAdam(params, lr=LR, track_stats=True, **variant)
+
+    def step() -> None:
+        opt.local_step()
+        opt.block.mul_(0.9)  # stands in for the neighbours' mix
+        opt.consensus_update()
+
+    for p in params:
+        p.grad = torch.randn_like(p)
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    quarter = opt.numel  # bytes: a quarter of the fp32 block
+    big = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= quarter]
+    assert big == []
+    # and the profiler sees allocations at all: a block-sized one is reported
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.zeros(opt.numel)
+    assert max(e.cpu_memory_usage for e in prof.events()) >= opt.numel * 4
