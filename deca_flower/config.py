@@ -115,7 +115,7 @@ class AlgorithmConfig:
     discrepancy_ref: str = "pre"  # pre | half
     discrepancy_scale: str = "precond"  # lr | l2 | precond
     # literal: eq (5); exact: divide by the tracked signal weight (docs/algorithm-notes.md)
-    bias_correction: str = "literal"
+    bias_correction: str = "exact"
     wire_dtype: str = "float32"  # float32 | model (send blocks in the model's dtype)
     lora_rank: int = 8  # dec-lora / decaf
     lora_alpha: float = 16.0
