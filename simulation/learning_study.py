@@ -296,7 +296,10 @@ def verdict(study: dict[str, Any], final: dict[str, list[dict]]) -> str:
     """Each ordering the paper claims, per metric: holds, reversed, or no difference.
 
     A difference smaller than twice the larger seed std of the two arms is "no difference";
-    with a single seed there is no spread and the ordering cannot be judged.
+    with a single seed there is no spread and the ordering cannot be judged. Cells of the
+    same seed share the data split, the graph and the initial model, so the per-seed
+    (paired) differences are printed beside the call: they show whether an ordering that
+    the unpaired spread cannot resolve goes the same way on every seed.
     """
     lines = []
     for a, b in study.get("orderings", []):
@@ -322,7 +325,23 @@ def _judge(cells_a: list[dict], cells_b: list[dict], key: str, name: str) -> str
         call = "no difference"
     else:
         call = "holds" if diff > 0 else "reversed"
-    return f"{name}: {call} ({diff:+.1f} points vs 2 x spread {2 * spread:.1f})"
+    paired = _paired(cells_a, cells_b, key)
+    return f"{name}: {call} ({diff:+.1f} points vs 2 x spread {2 * spread:.1f}{paired})"
+
+
+def _paired(cells_a: list[dict], cells_b: list[dict], key: str) -> str:
+    """'; per seed +3.1/-0.5 (a ahead on 1 of 2)' over the seeds both arms ran, or ''."""
+    by_seed = {c["seed"]: c[key] for c in cells_b if c.get(key) is not None and "seed" in c}
+    pairs = sorted(
+        (c["seed"], (c[key] - by_seed[c["seed"]]) * 100)
+        for c in cells_a
+        if c.get(key) is not None and c.get("seed") in by_seed
+    )
+    if len(pairs) < 2:
+        return ""
+    diffs = [d for _, d in pairs]
+    ahead = sum(d > 0 for d in diffs)
+    return f"; per seed {'/'.join(f'{d:+.1f}' for d in diffs)}, ahead on {ahead} of {len(diffs)}"
 
 
 # ---------------------------------------------------------------------- plots

@@ -206,9 +206,7 @@ def test_choco_stays_within_a_bounded_distance_of_exact_mixing() -> None:
     assert max(run["perturbations"]) < 1e-3 * math.sqrt(6 * 1024) / 50
 
 
-def _choco_through_membership_changes(
-    restart: bool, steps: int = 12
-) -> list[float]:
+def _choco_through_membership_changes(restart: bool, steps: int = 12) -> list[float]:
     """Six ring clients mix one block through `ChocoGossip` (the engine's path) while rank 2
     is lost (phase 2) and healed (phase 3, copying its donor's block, as `heal.py` does).
     Returns, per step, how far the mix moved the members' mean (float64 norm)."""

@@ -66,6 +66,26 @@ def test_verdict_calls_small_differences_no_difference():
     assert judged.startswith("a: reversed")
 
 
+def test_verdict_pairs_the_seeds_both_arms_ran():
+    """Same seed = same split, graph and initial model: the per-seed differences are
+    reported beside the unpaired call, over the seeds both arms have."""
+
+    def cells(values):
+        return [{"client_accuracy": v, "seed": s} for s, v in values.items()]
+
+    # Wide unpaired spread (no difference), but A is ahead on every seed it shares with B.
+    a = cells({0: 0.90, 1: 0.60, 2: 0.75})
+    b = cells({0: 0.85, 1: 0.58, 2: 0.74, 3: 0.99})  # seed 3 has no partner in A
+    judged = study_mod._judge(a, b, "client_accuracy", "acc")
+    assert judged.startswith("acc: no difference")
+    assert judged.endswith("; per seed +5.0/+2.0/+1.0, ahead on 3 of 3)")
+    judged = study_mod._judge(b, a, "client_accuracy", "acc")
+    assert judged.endswith("; per seed -5.0/-2.0/-1.0, ahead on 0 of 3)")
+    # One shared seed is not a pairing.
+    judged = study_mod._judge(cells({0: 0.9, 5: 0.8}), b, "client_accuracy", "acc")
+    assert "per seed" not in judged
+
+
 def test_tiny_study_end_to_end_and_resumed_after_one_cell(tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)
