@@ -267,7 +267,25 @@ def lr_table(study: dict[str, Any], cells: dict[str, dict], chosen: dict[str, fl
                 f"| {tables.fmt([c.get('val_client_ll_accuracy') for c in group])} "
                 f"| {tables.fmt([c.get('client_accuracy') for c in group])} | {mark} |"
             )
+    edges = grid_edges(study, chosen)
+    if edges:
+        rows.append(
+            "\nChosen at the edge of its grid (a wider grid might have found a better lr, so "
+            "this arm may be under-tuned): "
+            + "; ".join(f"{arm} ({side}, {lr:g})" for arm, (side, lr) in edges.items())
+            + "."
+        )
     return "\n".join(rows)
+
+
+def grid_edges(study: dict[str, Any], chosen: dict[str, float]) -> dict[str, tuple[str, float]]:
+    """Arms whose chosen lr is the smallest or the largest of their grid."""
+    edges = {}
+    for arm, lr in chosen.items():
+        lrs = study["arms"][arm]["lrs"]
+        if len(lrs) > 1 and lr in (min(lrs), max(lrs)):
+            edges[arm] = ("the largest" if lr == max(lrs) else "the smallest", lr)
+    return edges
 
 
 def result_table(final, chosen, columns, scale: float, digits: int = 2) -> str:

@@ -45,6 +45,14 @@ def test_lr_is_chosen_on_validation_never_on_test():
     assert study_mod.choose_lrs(study, cells) == {}
 
 
+def test_a_choice_at_the_edge_of_the_grid_is_flagged():
+    study = {"arms": {"A": {"lrs": [1e-4, 3e-4, 1e-3]}, "B": {"lrs": [1e-4, 3e-4, 1e-3]},
+                      "C": {"lrs": [1e-4, 3e-4, 1e-3]}}}  # fmt: skip
+    edges = study_mod.grid_edges(study, {"A": 1e-3, "B": 3e-4, "C": 1e-4})
+    assert edges == {"A": ("the largest", 1e-3), "C": ("the smallest", 1e-4)}
+    assert study_mod.grid_edges({"arms": {"A": {"lrs": [1e-3]}}}, {"A": 1e-3}) == {}
+
+
 def test_equal_tuning_budget_is_enforced(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(STUDY.replace("lrs: [1.0e-3]}", "lrs: [1.0e-3, 1.0e-2]}"))
