@@ -61,6 +61,9 @@ VERDICT_METRICS = (
     ("client_ll_accuracy", "client accuracy by likelihood"),
     ("global_average_accuracy", "parameter average on the global test"),
     ("global_average_ll_accuracy", "parameter average on the global test by likelihood"),
+    # Each site's own model off its skew: what a site that keeps its model gets.
+    ("global_client_accuracy", "clients on the global test"),
+    ("global_client_ll_accuracy", "clients on the global test by likelihood"),
 )
 
 
