@@ -351,7 +351,7 @@ def _judge(cells_a: list[dict], cells_b: list[dict], key: str, name: str) -> str
 
 
 def _paired(cells_a: list[dict], cells_b: list[dict], key: str) -> str:
-    """'; per seed +3.1/-0.5 (a ahead on 1 of 2)' over the seeds both arms ran, or ''."""
+    """'; per seed +3.1/-0.5, ahead on 1 of 2' over the seeds both arms ran, or ''."""
     by_seed = {c["seed"]: c[key] for c in cells_b if c.get(key) is not None and "seed" in c}
     pairs = sorted(
         (c["seed"], (c[key] - by_seed[c["seed"]]) * 100)
