@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -188,7 +187,7 @@ def run_cells(
 
     def work(cell: sweep.Cell) -> None:
         print(f"[study] start {cell.id}", flush=True)
-        result = sweep.run_cell(cell, grid, out, "engine", threads=_threads() // jobs or 1)
+        result = sweep.run_cell(cell, grid, out, "engine", threads=sweep.usable_cpus() // jobs or 1)
         if result is None:
             failed.append(cell.id)
             print(f"[study] FAILED {cell.id}: see {out}/cells/{cell.id}/log.txt", flush=True)
@@ -202,10 +201,6 @@ def run_cells(
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(work, pending))
     return failed
-
-
-def _threads() -> int:
-    return max(1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------- report

@@ -134,6 +134,14 @@ def flower_command(cell: Cell, grid: dict, cell_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (`taskset`, a cpuset), which
+    can be fewer than the machine's `os.cpu_count()`; cells get threads from this."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def run_cell(cell: Cell, grid: dict, out: Path, engine: str, threads: int) -> dict | None:
     cell_dir = out / "cells" / cell.id
     done = cell_dir / "cell.json"
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in todo:
             print("  " + c.id)
         return 0
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, usable_cpus() // args.jobs)
     start = time.perf_counter()
     failed = []
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -134,3 +136,20 @@ def test_flower_engine_cells_reproduce_the_in_process_engine(tmp_path):
     assert len(losses["flower"]) == len(losses["engine"]) > 0
     for a, b in zip(losses["flower"], losses["engine"]):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux affinity")
+def test_cells_get_threads_from_the_cpus_this_process_may_use():
+    # A runner pinned to one CPU (taskset, a cpuset) must not give its cells one thread
+    # per CPU of the machine: oversubscribed OpenMP threads on one core crawl.
+    one_cpu = min(os.sched_getaffinity(0))
+    code = f"import os, sweep; os.sched_setaffinity(0, {{{one_cpu}}}); print(sweep.usable_cpus())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO / "simulation",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "1"
+    assert sweep.usable_cpus() == len(os.sched_getaffinity(0))
