@@ -312,7 +312,8 @@ def verdict(study: dict[str, Any], final: dict[str, list[dict]]) -> str:
     """Each ordering the paper claims, per metric: holds, reversed, or no difference.
 
     A difference smaller than twice the larger seed std of the two arms is "no difference";
-    with a single seed there is no spread and the ordering cannot be judged. Cells of the
+    with a single seed there is no spread and the ordering cannot be judged (the
+    difference is then shown on the seed both arms ran). Cells of the
     same seed share the data split, the graph and the initial model, so the per-seed
     (paired) differences are printed beside the call: they show whether an ordering that
     the unpaired spread cannot resolve goes the same way on every seed.
@@ -335,7 +336,14 @@ def _judge(cells_a: list[dict], cells_b: list[dict], key: str, name: str) -> str
         return None
     diff = (statistics.mean(xs) - statistics.mean(ys)) * 100
     if len(xs) < 2 or len(ys) < 2:
-        return f"{name}: {diff:+.1f} points, one seed only (no spread: not judged)"
+        # No spread to judge by. Compare on the seed(s) both ran (same split, graph and
+        # initial model), not one arm's mean over seeds against the other's single seed.
+        pairs = _seed_pairs(cells_a, cells_b, key)
+        if not pairs:
+            return f"{name}: {diff:+.1f} points, no seed in common (one seed: not judged)"
+        seeds = "/".join(str(seed) for seed, _ in pairs)
+        shared = statistics.mean(d for _, d in pairs)
+        return f"{name}: {shared:+.1f} points on seed {seeds}, the one both ran (not judged)"
     spread = max(statistics.stdev(xs), statistics.stdev(ys)) * 100
     if abs(diff) < 2 * spread:
         call = "no difference"
@@ -347,17 +355,22 @@ def _judge(cells_a: list[dict], cells_b: list[dict], key: str, name: str) -> str
 
 def _paired(cells_a: list[dict], cells_b: list[dict], key: str) -> str:
     """'; per seed +3.1/-0.5, ahead on 1 of 2' over the seeds both arms ran, or ''."""
-    by_seed = {c["seed"]: c[key] for c in cells_b if c.get(key) is not None and "seed" in c}
-    pairs = sorted(
-        (c["seed"], (c[key] - by_seed[c["seed"]]) * 100)
-        for c in cells_a
-        if c.get(key) is not None and c.get("seed") in by_seed
-    )
+    pairs = _seed_pairs(cells_a, cells_b, key)
     if len(pairs) < 2:
         return ""
     diffs = [d for _, d in pairs]
     ahead = sum(d > 0 for d in diffs)
     return f"; per seed {'/'.join(f'{d:+.1f}' for d in diffs)}, ahead on {ahead} of {len(diffs)}"
+
+
+def _seed_pairs(cells_a: list[dict], cells_b: list[dict], key: str) -> list[tuple[int, float]]:
+    """(seed, A - B in points) for every seed both arms ran, by seed."""
+    by_seed = {c["seed"]: c[key] for c in cells_b if c.get(key) is not None and "seed" in c}
+    return sorted(
+        (c["seed"], (c[key] - by_seed[c["seed"]]) * 100)
+        for c in cells_a
+        if c.get(key) is not None and c.get("seed") in by_seed
+    )
 
 
 # ---------------------------------------------------------------------- plots

@@ -94,6 +94,23 @@ def test_verdict_pairs_the_seeds_both_arms_ran():
     assert "per seed" not in judged
 
 
+def test_a_one_seed_arm_is_compared_on_the_seed_both_ran():
+    """An arm tuned on seed 0 only is set against the other arm's seed 0, not against
+    its mean over seeds 0-2 (which mixes in other splits and graphs)."""
+
+    def cells(values):
+        return [{"client_accuracy": v, "seed": s} for s, v in values.items()]
+
+    three = cells({0: 0.84, 1: 0.90, 2: 0.87})  # mean 0.87
+    one = cells({0: 0.80})
+    judged = study_mod._judge(three, one, "client_accuracy", "acc")
+    assert judged == "acc: +4.0 points on seed 0, the one both ran (not judged)"  # 84 - 80
+    judged = study_mod._judge(one, three, "client_accuracy", "acc")
+    assert judged.startswith("acc: -4.0 points on seed 0,")
+    judged = study_mod._judge(cells({5: 0.80}), three, "client_accuracy", "acc")
+    assert judged == "acc: -7.0 points, no seed in common (one seed: not judged)"  # 80 - 87
+
+
 def test_tiny_study_end_to_end_and_resumed_after_one_cell(tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)
@@ -120,7 +137,7 @@ def test_tiny_study_end_to_end_and_resumed_after_one_cell(tmp_path, capsys):
     assert "Incomplete" not in text
     row = f"| DECA exact | 0.001 | {deca['client_accuracy'] * 100:.2f} |"
     assert row in text
-    assert "- **DECA exact > local-only**: client accuracy:" in text and "one seed only" in text
+    assert "- **DECA exact > local-only**: client accuracy:" in text and "(not judged)" in text
     for png in ("accuracy_vs_lr_deca-exact.png", "accuracy_vs_lr_local-only.png",
                 "loss_curves.png", "effective_step.png"):  # fmt: skip
         assert (out / png).stat().st_size > 0
