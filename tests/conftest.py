@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,11 +38,17 @@ def _process_groups_started_under(path: Path) -> set[int]:
 @pytest.fixture(scope="session", autouse=True)
 def _stop_the_local_superlink():
     yield
-    for group in _process_groups_started_under(_FLWR_HOME):
+    groups = _process_groups_started_under(_FLWR_HOME)
+    for group in groups:
         try:
             os.killpg(group, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    # Then remove the tests' FLWR_HOME, once nothing of theirs writes there any more.
+    deadline = time.monotonic() + 10
+    while _process_groups_started_under(_FLWR_HOME) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.rmtree(_FLWR_HOME, ignore_errors=True)
 
 
 def tiny_config(tmp_path, **overrides):
