@@ -164,7 +164,7 @@ class Engine:
         from its donor (`heal_donor`, the coordinator's rule), then trains again."""
         back = sorted(r for r, p in self.rejoins if p == self.phase and r in self.lost_at)
         for rank in back:
-            blocks = sorted(set(self.phase_blocks[self.lost_at.pop(rank):]))
+            blocks = sorted(set(self.phase_blocks[self.lost_at.pop(rank) :]))
             donor = heal_donor(rank, self.membership, self.graph)
             mine, theirs = self.peers[rank].partition, self.peers[donor].partition
             for k in blocks:
@@ -197,7 +197,9 @@ class Engine:
         # Stateful rules (CHOCO) keep their state per block across its phases, as the nodes
         # keep it in their state stores.
         self.mixer.begin_block(
-            k, {peer.rank: peer.block for peer in peers}, members=tuple(self.members),
+            k,
+            {peer.rank: peer.block for peer in peers},
+            members=tuple(self.members),
             first_phase=t == 0,
         )
         n = len(self.peers)

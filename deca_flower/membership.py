@@ -95,7 +95,10 @@ def _embedded_weights(graph: nx.Graph, n: int, rule: str) -> torch.Tensor:
 
 
 def with_members(
-    current: Membership, members: set[int], full_graph: nx.Graph, full_weights: torch.Tensor,
+    current: Membership,
+    members: set[int],
+    full_graph: nx.Graph,
+    full_weights: torch.Tensor,
     rule: str,
 ) -> Membership:
     """The next epoch over `members`: the original graph and W once every rank is back,

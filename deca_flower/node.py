@@ -254,9 +254,7 @@ class Node:
             return scored
 
         with self._group(plan) as group:
-            averaged, out["squared_distance"] = self._with_average_model(
-                plan, score_average, group
-            )
+            averaged, out["squared_distance"] = self._with_average_model(plan, score_average, group)
         out.update(averaged)
         return _with_security_events(out, group)
 

@@ -167,11 +167,15 @@ def _timeline(records: list[dict[str, Any]]) -> list[str]:
     for r in records:
         phase = f"phase {r.get('phase', -1) + 1}"
         if r["type"] == "fault":
-            lines.append(f"- {phase}, attempt {r['attempt']}: failed; lost rank(s) "
-                         f"{r['lost_ranks'] or 'none'}")
+            lines.append(
+                f"- {phase}, attempt {r['attempt']}: failed; lost rank(s) "
+                f"{r['lost_ranks'] or 'none'}"
+            )
         elif r["type"] == "membership":
-            lines.append(f"- {phase}: membership epoch {r['epoch']}, ranks {r['members']} "
-                         f"(lost {r['lost']}), spectral gap {r['spectral_gap']:.3f}")
+            lines.append(
+                f"- {phase}: membership epoch {r['epoch']}, ranks {r['members']} "
+                f"(lost {r['lost']}), spectral gap {r['spectral_gap']:.3f}"
+            )
         elif r["type"] == "waiting":
             lines.append(f"- {phase}: waiting for rank(s) {r['lost_ranks']}: {r['reason']}")
         elif r["type"] == "rejoined":
@@ -187,8 +191,10 @@ def _timeline(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {phase}: resumed as run {r['run_id']} (state of run "
                          f"{r['state_id']})")  # fmt: skip
         elif r["type"] == "security":
-            lines.append(f"- security: rejected {r.get('what')} from {r.get('from')} "
-                         f"({r.get('check')}), seen by {r.get('seen_by')}")
+            lines.append(
+                f"- security: rejected {r.get('what')} from {r.get('from')} "
+                f"({r.get('check')}), seen by {r.get('seen_by')}"
+            )
     return ["", "## Timeline", "", *lines] if lines else []
 
 
@@ -252,8 +258,11 @@ def plot_run(
         ax.set(xlabel="round (0 = zero-shot)", ylabel="accuracy", title="Accuracy per round")
         ax.legend()
         written.append(_save(fig, out_dir / "accuracy.png"))
-        cons = [(r["round"] + 1, r["consensus_distance"]) for r in evals
-                if r["round"] >= 0 and "consensus_distance" in r]  # eval.average_model=false: none
+        cons = [
+            (r["round"] + 1, r["consensus_distance"])
+            for r in evals
+            if r["round"] >= 0 and "consensus_distance" in r
+        ]  # eval.average_model=false: none
         if cons:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot(*zip(*cons), "o-")
@@ -333,6 +342,7 @@ def phase_time_split(wall_s: float, phase: dict[str, Any]) -> dict[str, float]:
     writing the trained blocks to the state store. `non_training_share` is everything but
     the steps themselves (forward, backward, optimizer) and their gossip, over the wall time.
     """
+
     def mean(key: str) -> float:  # over the sites that took part (None: a lost site)
         values = [float(v or 0.0) for v in phase[key] if v is not None]
         return sum(values) / max(1, len(values))
@@ -348,8 +358,9 @@ def phase_time_split(wall_s: float, phase: dict[str, Any]) -> dict[str, float]:
         "communication_s": communication,
         "commit_s": mean("commit_s"),
     }
-    split["other_s"] = max(0.0, handler - split["load_s"] - training - communication
-                           - split["commit_s"])
+    split["other_s"] = max(
+        0.0, handler - split["load_s"] - training - communication - split["commit_s"]
+    )
     split["non_training_share"] = max(0.0, 1.0 - (training + communication) / wall_s)
     return split
 

@@ -314,8 +314,9 @@ class Coordinator:
                 differ = [r for r, v in values.items() if v != reference]
                 raise CoordinatorError(
                     f"sites disagree on the {what}: "
-                    + ", ".join(f"{self._site(self.rank_to_node[r])} has {values[r]}" for r in
-                                differ)
+                    + ", ".join(
+                        f"{self._site(self.rank_to_node[r])} has {values[r]}" for r in differ
+                    )
                     + f" but rank 0 has {reference}. Every site must load the same {what}; "
                     "fix the differing sites before training"
                 )
@@ -365,7 +366,8 @@ class Coordinator:
         self._save_checkpoint(blocks, global_step + steps)
         split = record["time_split"]
         self.progress.phase_done(
-            f"round {t + 1} block(s) {blocks[0]}" + (f"-{blocks[-1]}" if len(blocks) > 1 else "")
+            f"round {t + 1} block(s) {blocks[0]}"
+            + (f"-{blocks[-1]}" if len(blocks) > 1 else "")
             + f" ({split['wall_s']:.1f} s, {100 * split['non_training_share']:.0f}% not training)",
             sum(loss[-1] for loss in losses.values()) / len(losses),
         )
@@ -383,16 +385,25 @@ class Coordinator:
         faults = self.cfg.faults
         lost = sorted(self.rank_of[nid] for nid in failure.lost)
         self.run_dir.log(
-            {"type": "fault", "phase": self.phase, "attempt": attempt, "epoch":
-             self.membership.epoch, "lost_ranks": lost, "failures": failure.lines,
-             "time": time.time()}
+            {
+                "type": "fault",
+                "phase": self.phase,
+                "attempt": attempt,
+                "epoch": self.membership.epoch,
+                "lost_ranks": lost,
+                "failures": failure.lines,
+                "time": time.time(),
+            }
         )
         self.progress.note(
             f"phase {self.phase + 1} failed (attempt {attempt}); lost rank(s) {lost or 'none'}"
         )
         if faults.on_peer_loss == "stop" or attempt > faults.max_retries:
-            why = ("faults.on_peer_loss=stop" if faults.on_peer_loss == "stop" else
-                   f"faults.max_retries={faults.max_retries} reruns of this phase failed")
+            why = (
+                "faults.on_peer_loss=stop"
+                if faults.on_peer_loss == "stop"
+                else f"faults.max_retries={faults.max_retries} reruns of this phase failed"
+            )
             raise CoordinatorError(f"{failure} ({why})")
         if not lost:
             return  # only peers' errors (e.g. a transient link failure): rerun as it is
@@ -400,14 +411,24 @@ class Coordinator:
             for rank in lost:
                 self.lost_at.setdefault(rank, self.phase)
             try:
-                self._set_membership(without(self.membership, set(lost), self.graph,
-                                             self.cfg.topology.mixing, faults.min_peers))
+                self._set_membership(
+                    without(
+                        self.membership,
+                        set(lost),
+                        self.graph,
+                        self.cfg.topology.mixing,
+                        faults.min_peers,
+                    )
+                )
                 return
             except MembershipError as err:
-                self.progress.note(f"cannot go on without rank(s) {lost}: {err}; waiting up to "
-                                   f"{faults.rejoin_wait_s:.0f} s (faults.rejoin_wait_s)")
-                self.run_dir.log({"type": "waiting", "phase": self.phase, "lost_ranks": lost,
-                                  "reason": str(err)})
+                self.progress.note(
+                    f"cannot go on without rank(s) {lost}: {err}; waiting up to "
+                    f"{faults.rejoin_wait_s:.0f} s (faults.rejoin_wait_s)"
+                )
+                self.run_dir.log(
+                    {"type": "waiting", "phase": self.phase, "lost_ranks": lost, "reason": str(err)}
+                )
                 self._wait_for_rejoin(lost, str(err))
                 return
         self._wait_for_rejoin(lost, "faults.on_peer_loss=wait")
@@ -486,8 +507,15 @@ class Coordinator:
             self.lost_at.pop(rank)
             self.gone.discard(rank)
         self.run_dir.log({"type": "rejoined", "phase": self.phase, "ranks": healed})
-        self._set_membership(with_members(self.membership, {*self.members, *healed},
-                                          self.graph, self.weights, self.cfg.topology.mixing))
+        self._set_membership(
+            with_members(
+                self.membership,
+                {*self.members, *healed},
+                self.graph,
+                self.weights,
+                self.cfg.topology.mixing,
+            )
+        )
 
     def _heal_returned_site(self, rank: int, facts: dict[str, Any]) -> bool:
         """Check what the returning site loaded, then heal it; False: it stays out."""
@@ -497,8 +525,10 @@ class Coordinator:
         if differ:
             self.run_dir.log({"type": "rejoin_refused", "phase": self.phase, "rank": rank,
                               "differs": differ})  # fmt: skip
-            self.progress.note(f"rank {rank} is back but its {differ} differ from the run's: "
-                               "it stays out (restart it with the run's config and model)")
+            self.progress.note(
+                f"rank {rank} is back but its {differ} differ from the run's: "
+                "it stays out (restart it with the run's config and model)"
+            )
             return False
         # Its own commits from the phase it was lost in on are stale too (the others reran it).
         since = min(int(facts.get("last_phase", -1)) + 1, self.lost_at[rank])
@@ -528,9 +558,15 @@ class Coordinator:
         request.update({"round": -1, "blocks": [], "steps": 0, "heal_blocks": blocks,
                         "committed_phase": self.committed_phase})  # fmt: skip
         return {
-            self.rank_to_node[r]: {**request, "heal_role": role, "group_rank": g,
-                                   "world_size": 2, "neighbours": [1 - g], "weights": [0.5],
-                                   "self_weight": 0.5}  # fmt: skip
+            self.rank_to_node[r]: {
+                **request,
+                "heal_role": role,
+                "group_rank": g,
+                "world_size": 2,
+                "neighbours": [1 - g],
+                "weights": [0.5],
+                "self_weight": 0.5,
+            }  # fmt: skip
             for role, r, g in (("donor", donor, 0), ("receiver", rank, 1))
         }
 
@@ -651,8 +687,10 @@ class Coordinator:
             "block_numel": replies[self.members[0]].get("block_numel"),
         }
         record.update(
-            {key: [replies[r].get(key) if r in replies else None for r in range(self.n)]
-             for key in keys}
+            {
+                key: [replies[r].get(key) if r in replies else None for r in range(self.n)]
+                for key in keys
+            }
         )
         for key in ("bytes_sent", "bytes_received"):  # a lost site sent nothing
             record[key] = [0 if v is None else v for v in record[key]]
@@ -662,8 +700,10 @@ class Coordinator:
         record["time"] = time.time()  # when the phase was committed (faults' timeline)
         # Step diagnostics (None where a node could not define one, as in the engine).
         record.update(
-            {k: [replies[r].get(k) if r in replies else None for r in range(self.n)]
-             for k in STEP_DIAGNOSTICS}
+            {
+                k: [replies[r].get(k) if r in replies else None for r in range(self.n)]
+                for k in STEP_DIAGNOSTICS
+            }
         )
         return record
 
@@ -827,8 +867,10 @@ class Coordinator:
             for event in msg.content["reply"].get("security_events", []) or []:
                 record = {"type": "security", **json.loads(event), "seen_by": self._site(nid)}
                 self.run_dir.log(record)
-                self.progress.note(f"security: {record.get('what')} from "
-                                   f"{record.get('from')} rejected by {record.get('check')}")
+                self.progress.note(
+                    f"security: {record.get('what')} from "
+                    f"{record.get('from')} rejected by {record.get('check')}"
+                )
 
     def _site(self, node_id: int, rank: int | None = None) -> str:
         if rank is None:

@@ -76,7 +76,9 @@ def lab(args: argparse.Namespace) -> dict:
     procs = [
         subprocess.Popen(
             hosts.command(site, [sys.executable, __file__, "--worker", str(rank), *common]),
-            stdout=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for rank, site in enumerate(hosts.sites)
     ]
