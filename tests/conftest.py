@@ -18,8 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `flwr run .` starts a local SuperLink under $FLWR_HOME and leaves it running for the next
 # run. The tests get a FLWR_HOME of their own (the user's ~/.flwr stays untouched), and the
 # SuperLink they started there is stopped at the end of the session.
-_FLWR_HOME = Path(tempfile.mkdtemp(prefix="deca-tests-flwr-home-"))
-os.environ["FLWR_HOME"] = str(_FLWR_HOME)
+_FLWR_HOME: Path | None = None  # set by pytest_configure
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Made here, in the pytest process only: the peers that tests spawn import this module
+    # too (through their test module), and inherit FLWR_HOME instead of making their own.
+    global _FLWR_HOME
+    _FLWR_HOME = Path(tempfile.mkdtemp(prefix="deca-tests-flwr-home-"))
+    os.environ["FLWR_HOME"] = str(_FLWR_HOME)
 
 
 def _process_groups_started_under(path: Path) -> set[int]:
@@ -38,6 +45,8 @@ def _process_groups_started_under(path: Path) -> set[int]:
 @pytest.fixture(scope="session", autouse=True)
 def _stop_the_local_superlink():
     yield
+    if _FLWR_HOME is None:
+        return
     groups = _process_groups_started_under(_FLWR_HOME)
     for group in groups:
         try:
